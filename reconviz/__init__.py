@@ -1,0 +1,43 @@
+"""reconviz: exact model reconstruction of piecewise-linear networks, and the
+classic CNN visualizations beside it.
+
+    probe -> priors -> linearize -> solve -> Reconstruction -> verify / export / plot
+
+>>> import reconviz as rv                                   # doctest: +SKIP
+>>> rec = rv.reconstruct(model, x)          # W (N, K, *x.shape[1:]), b (N, K)
+>>> print(rv.verify(model, rec))            # the paper's Table 1 view, PASS/FAIL
+"""
+
+from .basis import Basis, make_basis
+from .errors import (
+    ExactnessError,
+    InputError,
+    ReconvizError,
+    ReplayMismatchError,
+    TrainingModeWarning,
+    UnsupportedOperationError,
+)
+from .gates import GATES, Gate, Prior, register_gate
+from .linearize import LinearizedModel, linearize
+from .pipeline import reconstruct
+from .radius import Radius, certified_radius
+from .reconstruction import Reconstruction, tolerance_for
+from .verify import VerificationReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Basis", "make_basis", "ExactnessError", "InputError", "ReconvizError", "ReplayMismatchError",
+    "TrainingModeWarning", "UnsupportedOperationError", "GATES", "Gate", "Prior", "register_gate",
+    "LinearizedModel", "linearize", "reconstruct", "Radius", "certified_radius", "Reconstruction",
+    "tolerance_for", "VerificationReport", "verify", "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Submodules with heavier imports load on first use: rv.plot, rv.saliency, rv.metrics, rv.onnx, rv.models
+    import importlib
+
+    if name in ("plot", "saliency", "metrics", "onnx", "models", "cli", "bench"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'reconviz' has no attribute {name!r}")

@@ -1,0 +1,158 @@
+"""Stage 2 — linearize: the model with every gate frozen at its probe prior.
+
+The linearized network g is affine in its input, g(x0) = f(x0), and g = f on
+the probe's whole linear region. It runs on any batch of B = r * N inputs
+(input i uses probe i % N's priors) and checks, call by call, that the model
+makes the same sequence of gated calls as at the probe.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .errors import InputError, ReplayMismatchError
+from .gates import Call, Gate, Prior, op_name
+from .probe import GateMode, OutputSelector, Probe, probe, select_output
+
+__all__ = ["LinearizedModel", "linearize", "ReplayMode"]
+
+Observer = Callable[[int, Gate, Prior, Tensor], None]
+
+
+class ReplayMode(GateMode):
+    """Applies the recorded priors in order; ``observer`` sees each gate's input."""
+
+    def __init__(self, work: nn.Module, priors: list[Prior], observer: Observer | None = None):
+        super().__init__(work)
+        self.priors = priors
+        self.observer = observer
+        self.i = 0
+
+    def on_gate(self, gate: Gate, call: Call, path: str) -> Any:
+        if self.i >= len(self.priors):
+            raise ReplayMismatchError(
+                f"the model made more gated calls than the probe recorded ({len(self.priors)}): "
+                f"extra call '{op_name(call.func)}' in module '{path}'. Its control flow depends "
+                "on the input, so one set of priors cannot describe it"
+            )
+        prior = self.priors[self.i]
+        if (prior.gate, prior.op, prior.module_path) != (gate.name, op_name(call.func), path):
+            raise ReplayMismatchError(
+                f"gated call #{self.i} differs from the probe: expected '{prior.op}' in module "
+                f"'{prior.module_path}', got '{op_name(call.func)}' in module '{path}'. The model's "
+                "control flow depends on its input"
+            )
+        if self.observer is not None:
+            self.observer(self.i, gate, prior, call.z)
+        self.i += 1
+        return gate.apply(prior, call)
+
+    def finish(self) -> None:
+        if self.i != len(self.priors):
+            raise ReplayMismatchError(
+                f"the model made {self.i} gated calls, but the probe recorded {len(self.priors)}: "
+                "its control flow depends on the input"
+            )
+
+
+class LinearizedModel(nn.Module):
+    """The rewritten network g: the model's copy with frozen gates (affine in x).
+
+    ``lin(x)`` takes a batch of ``r * N`` inputs shaped like the probes and returns
+    the selected outputs flattened to ``(r * N, K)``. Inputs are cast to the
+    working dtype. The user's model is not involved: ``lin`` runs on a deep copy.
+    """
+
+    def __init__(self, found: Probe):
+        super().__init__()
+        self.work = found.work
+        self.priors: list[Prior] = found.priors
+        self.output: OutputSelector = found.output
+        self.register_buffer("probes", found.x.detach())
+        self.register_buffer("logits", found.logits)
+        self.activation_bytes = found.activation_bytes
+
+    # facts ----------------------------------------------------------------
+    @property
+    def n_probes(self) -> int:
+        return self.probes.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.probes.shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.probes.dtype
+
+    @property
+    def ties(self) -> int:
+        return sum(p.ties for p in self.priors)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.logits.shape[1]
+
+    def gate_counts(self) -> dict[str, int]:
+        """Number of gated calls per gate type, e.g. ``{'relu': 4, 'max_pool': 2}``."""
+        return dict(Counter(p.gate for p in self.priors))
+
+    def extra_repr(self) -> str:
+        return (
+            f"probes={self.n_probes}, sample_shape={self.sample_shape}, outputs={self.n_outputs}, "
+            f"gates={self.gate_counts()}, ties={self.ties}"
+        )
+
+    # running --------------------------------------------------------------
+    def forward(self, x: Tensor, observer: Observer | None = None) -> Tensor:
+        x = self._check(x)
+        mode = ReplayMode(self.work, self.priors, observer)
+        try:
+            with mode:
+                raw = self.work(x)
+            mode.finish()
+        finally:
+            self.work._reconviz_stack.clear()  # type: ignore[attr-defined]
+        return select_output(raw, self.output, x.shape[0])
+
+    def _check(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.sample_shape:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise InputError(
+                f"linearized model expects inputs of shape (r * {self.n_probes}, "
+                f"{', '.join(map(str, self.sample_shape))}), got {shape}"
+            )
+        if x.shape[0] % self.n_probes:
+            raise InputError(
+                f"batch of {x.shape[0]} is not a multiple of the {self.n_probes} probes: input i "
+                f"uses probe i % {self.n_probes}'s priors"
+            )
+        return x.to(device=self.probes.device, dtype=self.dtype)
+
+
+def linearize(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    output: OutputSelector = None,
+) -> LinearizedModel:
+    """Probe ``model`` at ``x`` (N, ...) and return the network with its gates frozen.
+
+    >>> lin = linearize(model, x)      # doctest: +SKIP
+    >>> torch.allclose(lin(x), model(x).double())   # g(x0) = f(x0)   # doctest: +SKIP
+    """
+    return LinearizedModel(probe(model, x, dtype=dtype, output=output))
+
+
+def as_linearized(model_or_lin: nn.Module, x: Tensor | None, **kw: Any) -> LinearizedModel:
+    if isinstance(model_or_lin, LinearizedModel):
+        return model_or_lin
+    if x is None:
+        raise InputError("x (the probe batch) is needed to linearize a model")
+    return linearize(model_or_lin, x, **kw)

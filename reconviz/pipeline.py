@@ -1,0 +1,106 @@
+"""``reconstruct``: probe -> priors -> linearized model -> solve -> Reconstruction."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .basis import BASES, Basis, make_basis
+from .errors import InputError
+from .linearize import LinearizedModel, as_linearized
+from .probe import OutputSelector
+from .reconstruction import Reconstruction, tolerance_for
+from .solve import METHODS, basis_chunk, choose_method, resolve_classes, sample_size, solve_adjoint, solve_basis
+
+__all__ = ["reconstruct"]
+
+
+def reconstruct(
+    model: nn.Module,
+    x: Tensor,
+    classes: Any = None,
+    method: str = "auto",
+    basis: str | Basis = "identity",
+    dtype: torch.dtype = torch.float64,
+    chunk_size: int | None = None,
+    output: OutputSelector = None,
+    *,
+    seed: int = 0,
+    max_memory: int | None = None,
+    progress: bool | None = None,
+) -> Reconstruction:
+    """Reconstruct the exact affine model ``f(x) = W x + b`` of ``model`` at each probe.
+
+    Args:
+        model: a PyTorch module, piecewise linear in its input (ReLU-family
+            activations, max pooling, and affine layers). Never modified: the
+            work happens on a deep copy in eval mode. A :class:`LinearizedModel`
+            from :func:`reconviz.linearize` is accepted too (then ``x`` may be None).
+        x: the probe batch (N, ...). Each probe gets its own W and b.
+        classes: output indices to reconstruct (default: all outputs).
+        method: ``"basis"`` (the paper's orthogonal-basis solve: one forward pass
+            per input element), ``"adjoint"`` (one backward pass per class), or
+            ``"auto"`` (the cheaper by the shapes).
+        basis: ``"identity"`` (one by one), ``"hadamard"``, ``"random"``, or a
+            :class:`~reconviz.basis.Basis`; used by the basis method.
+        dtype: working precision (float64 by default: tolerance 1e-9 relative).
+        chunk_size: basis columns per forward pass (basis) or classes per backward
+            pass (adjoint). Default: basis chunks sized from ``max_memory``; one
+            class per backward on a retained graph.
+        output: selects the logits when the model returns a tuple, dict or object
+            (an index, a key, or a callable on the output).
+        seed: seed of the random basis.
+        max_memory: bytes of working memory one basis chunk may use (default 2 GiB).
+        progress: show a progress bar (default: on a terminal, for long solves).
+
+    Returns:
+        A :class:`Reconstruction` whose ``meta`` records the measured error at
+        the probes. Raises :class:`~reconviz.ExactnessError` if that error exceeds
+        the tolerance of ``dtype``.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if not isinstance(basis, Basis) and basis not in BASES:
+        raise InputError(f"unknown basis {basis!r}: choose one of {', '.join(BASES)} or pass a Basis")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    start = time.perf_counter()
+    lin = as_linearized(model, x, dtype=dtype, output=output)
+    cls = resolve_classes(classes, lin.n_outputs, lin.probes.device)
+    chosen = choose_method(lin, len(cls)) if method == "auto" else method
+    if chosen == "basis":
+        bas = make_basis(basis, sample_size(lin), seed)
+        w, b = solve_basis(lin, cls, bas, chunk_size or basis_chunk(lin, max_memory), progress)
+    else:
+        w, b = solve_adjoint(lin, cls, chunk_size or 1, progress)
+    rec = Reconstruction(
+        weight=w.reshape(lin.n_probes, len(cls), *lin.sample_shape),
+        bias=b,
+        classes=cls,
+        logits=lin.logits[:, cls],
+        probes=lin.probes,
+        meta=_meta(model, lin, chosen, basis if chosen == "basis" else None, seed, output),
+    )
+    rec.check()
+    rec.meta["seconds"] = time.perf_counter() - start
+    return rec
+
+
+def _meta(model: nn.Module, lin: LinearizedModel, method: str, basis: Any, seed: int, output: Any) -> dict:
+    work = lin.work
+    return {
+        "model": type(work).__name__ if isinstance(model, LinearizedModel) else type(model).__name__,
+        "sample_shape": list(lin.sample_shape),
+        "method": method,
+        "basis": basis.name if isinstance(basis, Basis) else basis,
+        "seed": seed if basis == "random" else None,
+        "tolerance": tolerance_for(lin.dtype),
+        "exactness": "region-exact",
+        "gates": lin.gate_counts(),
+        "ties": lin.ties,
+        "output": output if isinstance(output, (int, str)) else None,
+    }

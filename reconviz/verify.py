@@ -1,0 +1,238 @@
+"""Stage 5 — verify: the original and the reconstructed model, side by side.
+
+The report is the paper's Table 1 (class, original, reconstructed, difference)
+per probe, the max absolute and relative error against the tolerance, W against
+the autograd Jacobian of the original model, and the certified radius.
+Backends add columns: each column is one way of computing the outputs, and each
+comparison checks a pair of columns against its tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .errors import InputError
+from .probe import OutputSelector, check_probe_input, select_output, working_copy
+from .radius import Radius, certified_radius
+from .reconstruction import Reconstruction, relative_error
+
+__all__ = ["verify", "VerificationReport", "Comparison", "BACKENDS", "register_backend"]
+
+RADIUS_AUTO_MAX = 4096  # radius="auto" sweeps the input when it has at most this many elements
+ORIGINAL, RECONSTRUCTED = "original (torch)", "reconstructed (torch)"
+
+
+@dataclass
+class Comparison:
+    """max |a - b| and max |a - b| / max(1, |b|) between two output columns."""
+
+    a: str
+    b: str
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+
+@dataclass
+class VerificationReport:
+    classes: list[int]
+    columns: dict[str, np.ndarray]  # name -> (N, K) outputs
+    comparisons: list[Comparison]
+    dtype: str
+    exactness: str
+    jacobian_max_error: float | None = None
+    jacobian_tolerance: float | None = None
+    radius: Radius | None = None
+    notes: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        jac_ok = self.jacobian_max_error is None or self.jacobian_max_error <= (self.jacobian_tolerance or 0)
+        return all(c.ok for c in self.comparisons) and jac_ok
+
+    @property
+    def primary(self) -> Comparison:
+        return self.comparisons[0]
+
+    @property
+    def max_abs_error(self) -> float:
+        return self.primary.max_abs_error
+
+    @property
+    def max_rel_error(self) -> float:
+        return self.primary.max_rel_error
+
+    @property
+    def tolerance(self) -> float:
+        return self.primary.tolerance
+
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """One row per (probe, class): the columns and original - reconstructed."""
+        first, second = self.primary.b, self.primary.a
+        rows = []
+        for n in range(next(iter(self.columns.values())).shape[0]):
+            for k, c in enumerate(self.classes):
+                row = {"probe": n, "class": c}
+                row.update({name: float(v[n, k]) for name, v in self.columns.items()})
+                row["difference"] = float(self.columns[second][n, k] - self.columns[first][n, k])
+                rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "dtype": self.dtype, "exactness": self.exactness, "classes": self.classes,
+            "comparisons": [dict(vars(c), ok=c.ok) for c in self.comparisons],
+            "jacobian_max_error": self.jacobian_max_error, "jacobian_tolerance": self.jacobian_tolerance,
+            "radius_l2": None if self.radius is None else self.radius.l2.tolist(),
+            "radius_linf": None if self.radius is None else self.radius.linf.tolist(),
+            "ties": None if self.radius is None else self.radius.ties,
+            "notes": self.notes, "table": self.table,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_finite)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
+
+
+def format_report(r: VerificationReport, max_rows: int = 40) -> str:
+    names = list(r.columns)
+    head = f"{'probe':>5} {'class':>6} " + " ".join(f"{n:>24}" for n in names) + f" {'difference':>12}"
+    lines = [head, "-" * len(head)]
+    rows = r.table
+    for row in rows[:max_rows]:
+        label = r.class_names[row["class"]] if r.class_names else str(row["class"])
+        vals = " ".join(f"{row[n]:>24.12f}" for n in names)
+        lines.append(f"{row['probe']:>5} {label:>6} {vals} {row['difference']:>12.3e}")
+    if len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more rows (report.table has them all)")
+    lines.append("")
+    for c in r.comparisons:
+        verdict = "PASS" if c.ok else "FAIL"
+        lines.append(
+            f"{c.a} vs {c.b}: max abs {c.max_abs_error:.3e}, max rel {c.max_rel_error:.3e} "
+            f"(tolerance {c.tolerance:g} relative)  {verdict}"
+        )
+    if r.jacobian_max_error is not None:
+        verdict = "PASS" if r.jacobian_max_error <= (r.jacobian_tolerance or 0) else "FAIL"
+        lines.append(f"W vs autograd Jacobian: max abs {r.jacobian_max_error:.3e} "
+                     f"(tolerance {r.jacobian_tolerance:.3g})  {verdict}")
+    if r.radius is not None:
+        lines.append(f"certified radius: {r.radius}")
+    lines += [f"note: {n}" for n in r.notes]
+    lines.append(f"{r.exactness}, {r.dtype}: {'PASS' if r.ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Backends: extra columns computed by another runtime
+# --------------------------------------------------------------------------
+
+Backend = Callable[[nn.Module, Reconstruction, Tensor, "VerificationReport", dict], None]
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, fn: Backend) -> None:
+    """A backend adds columns and comparisons to a report (e.g. onnxruntime)."""
+    BACKENDS[name] = fn
+
+
+def verify(
+    model: nn.Module,
+    rec: Reconstruction,
+    x: Tensor | None = None,
+    *,
+    tolerance: float | None = None,
+    jacobian: bool = True,
+    radius: bool | str = "auto",
+    backend: str = "torch",
+    output: OutputSelector = None,
+    class_names: list[str] | None = None,
+) -> VerificationReport:
+    """Check a reconstruction against the model it came from.
+
+    Args:
+        model: the original model (not modified).
+        rec: the reconstruction.
+        x: inputs to compare at, a batch of r * N samples (default: the probes).
+        tolerance: relative tolerance (default: the contract's for rec's dtype).
+        jacobian: compare W with the autograd Jacobian of the original model at the probes.
+        radius: compute the certified radius (D forward passes); ``"auto"`` does it
+            when the input has at most 4096 elements.
+        backend: ``"torch"``; ``"onnxruntime"`` or ``"both"`` add onnxruntime columns.
+        output: logits selector for models returning tuples/dicts (default: rec's).
+    """
+    if backend in ("onnxruntime", "both") and backend not in BACKENDS:
+        from . import onnx as _onnx  # noqa: F401  (registers the onnxruntime backend)
+    if backend != "torch" and backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: choose torch, {', '.join(BACKENDS) or '(none loaded)'}")
+    dtype = rec.weight.dtype
+    output = output if output is not None else rec.meta.get("output")
+    x = rec.probes if x is None else check_probe_input(x).to(dtype)
+    work = working_copy(model, dtype, rec.probes.device)
+    with torch.no_grad():
+        original = select_output(work(x), output, x.shape[0])[:, rec.classes]
+    rebuilt = rec(x)
+    tol = rec.tolerance if tolerance is None else tolerance
+    report = VerificationReport(
+        classes=rec.classes.tolist(),
+        columns={ORIGINAL: _np(original), RECONSTRUCTED: _np(rebuilt)},
+        comparisons=[_compare(RECONSTRUCTED, ORIGINAL, rebuilt, original, tol)],
+        dtype=str(dtype).replace("torch.", ""),
+        exactness=rec.exactness,
+        class_names=class_names,
+    )
+    if jacobian and rec.exactness == "region-exact":
+        report.jacobian_max_error = _jacobian_error(work, rec, output)
+        report.jacobian_tolerance = tol * max(1.0, float(torch.as_tensor(rec.weight).abs().max()))
+    if radius is True or (radius == "auto" and math.prod(rec.sample_shape) <= RADIUS_AUTO_MAX):
+        report.radius = certified_radius(model, rec.probes, dtype=dtype)
+    elif radius == "auto":
+        report.notes.append(
+            f"certified radius skipped: the input has {math.prod(rec.sample_shape)} elements "
+            f"(> {RADIUS_AUTO_MAX}); pass radius=True to compute it (one forward pass per element)"
+        )
+    if backend != "torch":
+        BACKENDS[backend](model, rec, x, report, {"tolerance": tolerance, "output": output})
+    return report
+
+
+def _compare(a: str, b: str, va: Tensor, vb: Tensor, tol: float) -> Comparison:
+    return Comparison(a, b, float((va - vb).abs().max()), float(relative_error(va, vb).max()), tol)
+
+
+def _jacobian_error(work: nn.Module, rec: Reconstruction, output: OutputSelector) -> float:
+    """max |W - d f / d x| at the probes, by one backward pass per class."""
+    x = rec.probes.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = select_output(work(x), output, x.shape[0])[:, rec.classes]
+        worst = 0.0
+        w = torch.as_tensor(rec.weight)
+        for k in range(out.shape[1]):
+            (g,) = torch.autograd.grad(out[:, k].sum(), x, retain_graph=k < out.shape[1] - 1)
+            worst = max(worst, float((g - w[:, k]).abs().max()))
+    return worst
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
