@@ -113,6 +113,12 @@ class Reconstruction:
             )
         return self
 
+    def to_onnx(self, path: str | os.PathLike, **options: Any) -> Path:
+        """Export the affine model as an ONNX graph (see :mod:`reconviz.onnx`)."""
+        from .onnx import reconstruction_to_onnx
+
+        return reconstruction_to_onnx(self, path, **options)
+
     # persistence ----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (.npz) atomically; returns the path."""
