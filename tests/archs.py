@@ -1,0 +1,276 @@
+"""Small versions of classic architectures, and a generator of random
+piecewise-linear networks, for the tests (torchvision is not used)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _init_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Give BatchNorm layers non-trivial running statistics and affine params."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+class LeNet(nn.Module):
+    """LeNet-5 shape (ReLU + max-pool) for 1x28x28 inputs."""
+
+    input_shape = (1, 28, 28)
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class AlexNetish(nn.Module):
+    """AlexNet-style: large strided first conv, overlapping 3/2 max-pools, in-place ReLUs,
+    adaptive average pooling, dropout, three FC layers. Input 3x64x64."""
+
+    input_shape = (3, 64, 64)
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 11, stride=4, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2),
+            nn.Conv2d(16, 24, 5, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, ceil_mode=True),
+            nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5), nn.Linear(32 * 4, 64), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(64, 32), nn.ReLU(inplace=True), nn.Linear(32, classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class VGGish(nn.Module):
+    """VGG-style blocks of conv-BN-ReLU x2 + max-pool. Input 3x32x32."""
+
+    input_shape = (3, 32, 32)
+
+    def __init__(self, classes: int = 10, widths=(8, 16, 24)):
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c * (32 >> len(widths)) ** 2, classes)
+        _init_bn(self, 1)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.down is None else self.down(x)  # in-place residual add
+        return out.relu_()
+
+
+class ResNetish(nn.Module):
+    """ResNet basic-block net: stem conv + max-pool, 3 stages, global average pool."""
+
+    input_shape = (3, 32, 32)
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.layer1 = BasicBlock(8, 8)
+        self.layer2 = BasicBlock(8, 16, 2)
+        self.layer3 = BasicBlock(16, 24, 2)
+        self.fc = nn.Linear(24, classes)
+        _init_bn(self, 2)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(F.relu(self.bn(x)))], dim=1)
+
+
+class DenseNetish(nn.Module):
+    """DenseNet-style: concatenating dense layers, BN-ReLU-conv, transition with avg-pool."""
+
+    input_shape = (3, 16, 16)
+
+    def __init__(self, classes: int = 10, growth: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        c = 8
+        blocks = []
+        for _ in range(3):
+            blocks.append(DenseLayer(c, growth))
+            c += growth
+        self.block1 = nn.Sequential(*blocks)
+        self.trans = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2))
+        c //= 2
+        self.block2 = nn.Sequential(DenseLayer(c, growth), DenseLayer(c + growth, growth))
+        c += 2 * growth
+        self.norm = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+        _init_bn(self, 3)
+
+    def forward(self, x):
+        x = self.block2(self.trans(self.block1(self.stem(x))))
+        x = F.relu(self.norm(x), inplace=True)
+        return self.fc(F.adaptive_max_pool2d(x, 1).flatten(1))
+
+
+CLASSIC = {"lenet": LeNet, "alexnet": AlexNetish, "vgg": VGGish, "resnet": ResNetish, "densenet": DenseNetish}
+
+
+def classic(name: str, seed: int = 0, classes: int = 10) -> nn.Module:
+    torch.manual_seed(seed)
+    return CLASSIC[name](classes=classes).eval()
+
+
+# --------------------------------------------------------------------------
+# Random piecewise-linear architectures (for hypothesis)
+# --------------------------------------------------------------------------
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _prelu(c: int) -> nn.Module:
+    m = nn.PReLU(c)
+    m.weight.data = torch.linspace(0.05, 0.4, c)
+    return m
+
+
+ACTIVATIONS = {
+    "relu_module": lambda c: nn.ReLU(),
+    "relu_inplace": lambda c: nn.ReLU(inplace=True),
+    "relu_functional": lambda c: _Fn(F.relu),
+    "relu_torch_inplace": lambda c: _Fn(torch.relu_),
+    "relu_method": lambda c: _Fn(lambda t: t.relu()),
+    "relu6": lambda c: nn.ReLU6(),
+    "hardtanh": lambda c: nn.Hardtanh(-0.5, 0.7),
+    "leaky": lambda c: nn.LeakyReLU(0.1),
+    "leaky_inplace": lambda c: nn.LeakyReLU(0.2, inplace=True),
+    "prelu": _prelu,
+    "clamp_min": lambda c: _Fn(lambda t: t.clamp(min=0.05)),
+    "threshold": lambda c: nn.Threshold(0.1, -0.2),
+}
+
+
+class _Branch(nn.Module):
+    """Residual (y + skip(x)) or concatenating ([x, y]) branch around conv + activation."""
+
+    def __init__(self, kind, conv, cin, cout, act):
+        super().__init__()
+        self.kind = kind
+        self.conv = conv(cin, cout, 3, 1, 1)
+        self.act = ACTIVATIONS[act](cout)
+        self.skip = conv(cin, cout, 1) if kind == "res" and cin != cout else None
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        if self.kind == "cat":
+            return torch.cat([x, y], dim=1)
+        return y + (x if self.skip is None else self.skip(x))
+
+
+def _stage(spec_stage, dims: int, c: int) -> tuple[nn.Module, int]:
+    """One stage from its spec; returns (module, output channels)."""
+    kind = spec_stage[0]
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    if kind == "conv":
+        _, out, k, s, p = spec_stage
+        return conv(c, out, k, s, p), out
+    if kind == "bn":
+        return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(c), c
+    if kind == "act":
+        return ACTIVATIONS[spec_stage[1]](c), c
+    if kind in ("res", "cat"):
+        _, out, act = spec_stage
+        return _Branch(kind, conv, c, out, act), (out if kind == "res" else c + out)
+    _, pool, (k, s, p, ceil, dil) = spec_stage  # pooling
+    d = "1d" if dims == 1 else "2d"
+    if pool == "max":
+        return getattr(nn, "MaxPool" + d)(k, s, p, dilation=dil, ceil_mode=ceil), c
+    if pool == "avg":
+        return getattr(nn, "AvgPool" + d)(k, s, p, ceil_mode=ceil), c
+    return getattr(nn, ("AdaptiveMaxPool" if pool == "adaptive_max" else "AdaptiveAvgPool") + d)(k), c
+
+
+class RandomNet(nn.Module):
+    """A network from a spec {dims, channels, size, classes, stages}; stages that do
+    not fit the running shape are dropped (decided by a dry run), so any spec builds."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        dims, c = spec["dims"], spec["channels"]
+        x = torch.zeros(1, c, *([spec["size"]] * dims))
+        self.stages = nn.ModuleList()
+        self.kept = []
+        for st in spec["stages"]:
+            try:
+                module, c_out = _stage(st, dims, c)
+                y = module.eval()(x)
+            except (RuntimeError, ValueError):
+                continue
+            if y.numel() == 0 or min(y.shape[2:]) < 1:
+                continue
+            self.stages.append(module)
+            self.kept.append(st)
+            x, c = y, c_out
+        self.head = nn.Linear(x[0].numel(), spec["classes"])
+        _init_bn(self, 7)
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x.flatten(1))
