@@ -1,9 +1,10 @@
 """Typed errors and warnings raised by reconviz.
 
 Every error says what was wrong and what to do about it. All derive from
-:class:`ReconvizError`, and each also derives from the builtin exception a
-caller would naturally catch (``ValueError`` for bad input, ``TypeError`` for
-an operation that cannot be frozen, ``RuntimeError`` for a failed check).
+:class:`ReconvizError`; input errors are also ``ValueError`` and failed checks
+``RuntimeError``. :class:`UnsupportedOperationError` deliberately derives from
+no builtin: torch turns a ``TypeError`` raised inside ``Tensor.__mul__`` and
+friends into ``NotImplemented``, which would hide it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class InputError(ReconvizError, ValueError):
     """The input (probe batch, classes, options, file) is not usable as given."""
 
 
-class UnsupportedOperationError(ReconvizError, TypeError):
+class UnsupportedOperationError(ReconvizError):
     """The model calls an operation that cannot be frozen into an affine map.
 
     Attributes: ``operation`` (its name) and ``module_path`` (the dotted path of

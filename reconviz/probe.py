@@ -334,7 +334,9 @@ def probe(
     work = working_copy(model, dtype, x.device)
     xw = x.to(dtype)
     mode = RecordMode(work, n=xw.shape[0])
-    with _probe_grad(xw) as xg:
+    with _probe_grad(xw) as xg, warnings.catch_warnings():
+        # the probe input requires grad (to detect input-dependent products); that is ours
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
         try:
             with mode:
                 raw = work(xg)
