@@ -132,7 +132,9 @@ class LinearizedModel(nn.Module):
                 f"batch of {x.shape[0]} is not a multiple of the {self.n_probes} probes: input i "
                 f"uses probe i % {self.n_probes}'s priors"
             )
-        return x.to(device=self.probes.device, dtype=self.dtype)
+        y = x.to(device=self.probes.device, dtype=self.dtype)
+        # in-place gates must never write into the caller's tensor (nor into a grad leaf)
+        return x.clone() if y is x else y
 
 
 def linearize(

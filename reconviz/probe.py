@@ -339,7 +339,7 @@ def probe(
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
         try:
             with mode:
-                raw = work(xg)
+                raw = work(xg.clone())  # a non-leaf: in-place ops on the input stay legal
         except (UnsupportedOperationError, InputError):
             raise
         except RuntimeError as e:

@@ -190,7 +190,7 @@ def verify(
     x = rec.probes if x is None else check_probe_input(x).to(dtype)
     work = working_copy(model, dtype, rec.probes.device)
     with torch.no_grad():
-        original = select_output(work(x), output, x.shape[0])[:, rec.classes]
+        original = select_output(work(x.clone()), output, x.shape[0])[:, rec.classes]
     rebuilt = rec(x)
     tol = rec.tolerance if tolerance is None else tolerance
     report = VerificationReport(
@@ -224,7 +224,7 @@ def _jacobian_error(work: nn.Module, rec: Reconstruction, output: OutputSelector
     """max |W - d f / d x| at the probes, by one backward pass per class."""
     x = rec.probes.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = select_output(work(x), output, x.shape[0])[:, rec.classes]
+        out = select_output(work(x.clone()), output, x.shape[0])[:, rec.classes]
         worst = 0.0
         w = torch.as_tensor(rec.weight)
         for k in range(out.shape[1]):

@@ -203,3 +203,17 @@ def test_exactness_error_when_self_check_fails(monkeypatch):
     monkeypatch.setattr(reconstruction.Reconstruction, "errors", lambda self: (1.0, 1.0))
     with pytest.raises(rv.ExactnessError, match="tolerance 1e-09"):
         rv.reconstruct(Net(nn.ReLU()).eval(), X)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_first_op_never_writes_into_the_callers_tensor(dtype):
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 1, 4, 4, dtype=dtype)
+    before = x.clone()
+    rec = rv.reconstruct(model, x, dtype=dtype, method="adjoint")
+    rec_b = rv.reconstruct(model, x, dtype=dtype, method="basis")
+    lin = rv.linearize(model, x, dtype=dtype)
+    lin(x)
+    report = rv.verify(model, rec, x)
+    assert torch.equal(x, before) and torch.equal(rec.probes, before.to(rec.probes.dtype))
+    assert report.ok and torch.allclose(rec.weight, rec_b.weight, atol=1e-6)
