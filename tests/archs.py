@@ -175,7 +175,9 @@ def classic(name: str, seed: int = 0, classes: int = 10) -> nn.Module:
 # --------------------------------------------------------------------------
 
 
-class _Fn(nn.Module):
+class Fn(nn.Module):
+    """A module that applies a function: puts functional calls inside a named module."""
+
     def __init__(self, fn):
         super().__init__()
         self.fn = fn
@@ -193,15 +195,15 @@ def _prelu(c: int) -> nn.Module:
 ACTIVATIONS = {
     "relu_module": lambda c: nn.ReLU(),
     "relu_inplace": lambda c: nn.ReLU(inplace=True),
-    "relu_functional": lambda c: _Fn(F.relu),
-    "relu_torch_inplace": lambda c: _Fn(torch.relu_),
-    "relu_method": lambda c: _Fn(lambda t: t.relu()),
+    "relu_functional": lambda c: Fn(F.relu),
+    "relu_torch_inplace": lambda c: Fn(torch.relu_),
+    "relu_method": lambda c: Fn(lambda t: t.relu()),
     "relu6": lambda c: nn.ReLU6(),
     "hardtanh": lambda c: nn.Hardtanh(-0.5, 0.7),
     "leaky": lambda c: nn.LeakyReLU(0.1),
     "leaky_inplace": lambda c: nn.LeakyReLU(0.2, inplace=True),
     "prelu": _prelu,
-    "clamp_min": lambda c: _Fn(lambda t: t.clamp(min=0.05)),
+    "clamp_min": lambda c: Fn(lambda t: t.clamp(min=0.05)),
     "threshold": lambda c: nn.Threshold(0.1, -0.2),
 }
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reconviz as rv
+from archs import Fn
 
 
 class Net(nn.Module):
@@ -27,14 +28,6 @@ class Net(nn.Module):
     def forward(self, x):
         return self.fc(self.block(self.op(self.bn(self.conv(x)))).flatten(1))
 
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 X = torch.randn(2, 1, 4, 4)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reconviz as rv
+from archs import Fn
 from conftest import assert_exact
 
 
@@ -30,14 +31,6 @@ class Wrap(nn.Module):
             y = y[0]
         return self.head(y.flatten(1))
 
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 ELEMENTWISE = {
