@@ -1,0 +1,242 @@
+"""Deconvnet (Zeiler & Fergus 2014) and guided backpropagation (Springenberg et al. 2015).
+
+Both are a backward pass from a class score to the input that differs from the
+gradient only at the rectifiers; every other op (conv, linear, batch norm,
+average pooling, cat, add, ...) keeps its ordinary backward, which *is* the
+transposed operation, and max pooling keeps its ordinary backward, which *is*
+max-unpooling with the forward switches::
+
+    gradient:   R_in = D * R_out                  (D: the forward slope, 1[z > 0] for ReLU)
+    deconvnet:  R_in = rho(R_out)                 (rectify the backward signal; no forward mask)
+    guided:     R_in = D * rho(R_out)             (both masks)
+
+with ``rho = relu`` for ReLU. The rectifiers are found the way the core finds
+its gates: a :class:`~reconviz.probe.GateMode` on a deep copy of the model
+routes every ReLU-family call (``nn.ReLU``, ``F.relu``, ``torch.relu_``,
+``Tensor.relu``, in place or not, inside residual or concatenating blocks) to a
+custom :class:`torch.autograd.Function` whose forward is the original op and
+whose backward applies the rule. The user's model is never run, mutated or
+hooked.
+
+How each gate of the registry is treated (``rho`` and ``D`` per gate):
+
+========================  ===============================  =====================================
+gate                      rho (backward non-linearity)     D (forward slope, used by guided)
+========================  ===============================  =====================================
+relu                      relu(R)                          1[z > 0]
+threshold(t, v)           relu(R)  (a shifted ReLU)        1[z > t]
+clamp with min == 0       relu(R)  (ReLU6, clamp(min=0))   1[0 < z < max]  (saturation masks)
+other clamp / hardtanh    none: ordinary backward D * R    1[lo < z < hi]
+leaky_relu(a)             leaky_relu(R, a)                 1 or a
+prelu(a)                  prelu(R, a)                      1 or a
+max_pool                  ordinary backward (unpooling with the forward switches)
+========================  ===============================  =====================================
+
+That is, a rectifier's backward signal goes through the *same* non-linearity
+(Zeiler & Fergus: "pass the reconstructed signal through a relu"), with the
+leaky slope for LeakyReLU / PReLU; with slope 0 every row reduces to the
+classic ReLU rule. The upper clip of ReLU6 is a forward *value* effect, so the
+deconvnet ignores it (like every forward mask) and guided backprop keeps it
+(it keeps every forward mask). Clamps that are not rectifiers (Hardtanh(-1, 1),
+clamp_max, clamp(min=c != 0)) pass the signal with their ordinary backward in
+both methods, like max pooling.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InputError
+from ..gates import Call, Gate
+from ..probe import GateMode, OutputSelector, check_probe_input, select_output, working_copy
+
+__all__ = ["guided_backprop", "deconvnet", "RectifierMode"]
+
+Target = int | Any | Callable[[Tensor], Tensor]
+METHODS = ("deconvnet", "guided")
+_ELEMENTWISE = ("relu", "leaky_relu", "prelu", "clamp", "threshold")
+
+
+# --------------------------------------------------------------------------
+# The backward rules
+# --------------------------------------------------------------------------
+
+
+def _leaky(g: Tensor, a: Any) -> Tensor:
+    return torch.where(g > 0, g, g * a)
+
+
+def backward_rule(gate: Gate, call: Call) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
+    """(D, rho) for one gated call: the forward slope at z and the backward non-linearity.
+
+    ``rho`` is None for a gate that is not a rectifier (its ordinary backward is used).
+    """
+    z = call.z.detach()
+    slope = gate.slope_offset(z, call.params)[0].to(z.dtype)
+    p = call.params
+    if gate.name in ("relu", "threshold"):
+        return slope, F.relu
+    if gate.name == "clamp":
+        lo = p.get("lo")
+        rectifier = lo is not None and bool(torch.all(torch.as_tensor(lo) == 0))
+        return slope, (F.relu if rectifier else None)
+    if gate.name == "leaky_relu":
+        a = float(p["a"])
+        return slope, (lambda g: _leaky(g, a))
+    if gate.name == "prelu":
+        a = p["weight"].detach().to(z.dtype)
+        if a.numel() > 1 and z.dim() >= 2:
+            a = a.reshape((1, -1) + (1,) * (z.dim() - 2))
+        return slope, (lambda g: _leaky(g, a))
+    raise ValueError(f"no backward rule for gate {gate.name!r}")  # pragma: no cover
+
+
+class _Rectifier(torch.autograd.Function):
+    """Forward: the original call (in place if the model wrote it so). Backward: the rule."""
+
+    @staticmethod
+    def forward(ctx, z, call, slope, rho, method):  # type: ignore[override]
+        out = call.original()
+        if call.inplace:
+            ctx.mark_dirty(z)
+            out = z
+        ctx.save_for_backward(slope)
+        ctx.rho, ctx.method = rho, method
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        rho, method = ctx.rho, ctx.method
+        if rho is None:  # not a rectifier: ordinary backward
+            g = grad * slope
+        elif method == "deconvnet":
+            g = rho(grad)
+        else:  # guided
+            g = slope * rho(grad)
+        return g, None, None, None, None
+
+
+class RectifierMode(GateMode):
+    """Runs the model with rectifiers whose backward follows ``method`` ("deconvnet"/"guided").
+
+    Max pooling and every non-gated op run unchanged (their ordinary backward).
+    """
+
+    def __init__(self, work: nn.Module, method: str):
+        super().__init__(work)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.rectified = 0  # number of gated elementwise calls given the rule
+
+    def on_gate(self, gate: Gate, call: Call, path: str) -> Any:
+        if gate.name not in _ELEMENTWISE or not (torch.is_grad_enabled() and call.z.requires_grad):
+            return call.original()
+        slope, rho = backward_rule(gate, call)
+        self.rectified += 1
+        return _Rectifier.apply(call.z, call, slope, rho, self.method)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def _resolve_target(target: Any, out: Tensor) -> Tensor:
+    """The per-probe score (N,) to propagate back, from ``target``."""
+    n = out.shape[0]
+    if callable(target):
+        score = target(out)
+        if not isinstance(score, Tensor) or score.reshape(-1).shape[0] != n:
+            raise InputError(
+                f"target callable must map the output {tuple(out.shape)} to one score per input ({n},)"
+            )
+        return score.reshape(n)
+    idx = torch.as_tensor(target, dtype=torch.long, device=out.device).reshape(-1)
+    if idx.numel() == 1:
+        idx = idx.expand(n)
+    if idx.numel() != n:
+        raise InputError(f"target must be one index or {n} indices (one per input), got {idx.numel()}")
+    if (idx < 0).any() or (idx >= out.shape[1]).any():
+        raise InputError(f"target indices must be in [0, {out.shape[1]}), got {idx.tolist()}")
+    return out.gather(1, idx[:, None]).reshape(n)
+
+
+def _backward_map(
+    method: str,
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    *,
+    output: OutputSelector = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> Tensor:
+    x = check_probe_input(x)
+    dt = x.dtype if dtype is None else dtype
+    work = working_copy(model, dt, x.device)
+    xw = x.detach().to(dt).clone().requires_grad_(True)
+    mode = RectifierMode(work, method)
+    with torch.enable_grad():
+        try:
+            with mode:
+                raw = work(xw)
+        finally:
+            work._reconviz_stack.clear()  # type: ignore[attr-defined]
+        out = select_output(raw, output, xw.shape[0])
+        score = _resolve_target(target, out)
+        (g,) = torch.autograd.grad(score.sum(), xw, allow_unused=True)
+    if g is None:
+        g = torch.zeros_like(xw)
+    return g.detach().to(x.dtype)
+
+
+def deconvnet(
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    *,
+    output: OutputSelector = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> Tensor:
+    """Zeiler & Fergus deconvnet map of class ``target`` at each input of ``x`` (N, ...).
+
+    The class score is propagated back through transposed filters (the ordinary
+    conv/linear backward), max-unpooling with the forward switches (the
+    ordinary max-pool backward) and a ReLU applied to the *backward* signal
+    instead of the forward mask (see the module docs for other rectifiers).
+
+    Args:
+        model: any ``nn.Module``; a deep copy in eval mode is used, the model is untouched.
+        x: the input batch (N, ...).
+        target: an output index for all inputs, a sequence of N indices (one per
+            input), or a callable mapping the model output (N, K) to scores (N,).
+        output: selects the logits when the model returns a tuple, dict or object.
+        dtype: working precision (default float64; None: x's dtype).
+
+    Returns:
+        A tensor shaped and typed like ``x``.
+    """
+    return _backward_map("deconvnet", model, x, target, output=output, dtype=dtype)
+
+
+def guided_backprop(
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    *,
+    output: OutputSelector = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> Tensor:
+    """Guided backpropagation (Springenberg et al. 2015) of class ``target`` at ``x`` (N, ...).
+
+    Like the gradient, except that at every rectifier the backward signal is
+    masked by both the forward activation (z > 0) and its own sign (> 0).
+    Arguments and result as in :func:`deconvnet`.
+    """
+    return _backward_map("guided", model, x, target, output=output, dtype=dtype)
