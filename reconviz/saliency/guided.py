@@ -51,9 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InputError
 from ..gates import Call, Gate
-from ..probe import GateMode, OutputSelector, check_probe_input, select_output, working_copy
+from ..probe import GateMode, OutputSelector, select_output, working_copy
+from ._common import check_dtype, check_input, resolve_target
 
 __all__ = ["guided_backprop", "deconvnet", "RectifierMode"]
 
@@ -148,26 +148,6 @@ class RectifierMode(GateMode):
 # --------------------------------------------------------------------------
 
 
-def _resolve_target(target: Any, out: Tensor) -> Tensor:
-    """The per-probe score (N,) to propagate back, from ``target``."""
-    n = out.shape[0]
-    if callable(target):
-        score = target(out)
-        if not isinstance(score, Tensor) or score.reshape(-1).shape[0] != n:
-            raise InputError(
-                f"target callable must map the output {tuple(out.shape)} to one score per input ({n},)"
-            )
-        return score.reshape(n)
-    idx = torch.as_tensor(target, dtype=torch.long, device=out.device).reshape(-1)
-    if idx.numel() == 1:
-        idx = idx.expand(n)
-    if idx.numel() != n:
-        raise InputError(f"target must be one index or {n} indices (one per input), got {idx.numel()}")
-    if (idx < 0).any() or (idx >= out.shape[1]).any():
-        raise InputError(f"target indices must be in [0, {out.shape[1]}), got {idx.tolist()}")
-    return out.gather(1, idx[:, None]).reshape(n)
-
-
 def _backward_map(
     method: str,
     model: nn.Module,
@@ -177,8 +157,8 @@ def _backward_map(
     output: OutputSelector = None,
     dtype: torch.dtype | None = torch.float64,
 ) -> Tensor:
-    x = check_probe_input(x)
-    dt = x.dtype if dtype is None else dtype
+    x = check_input(x)
+    dt = check_dtype(dtype, x)
     work = working_copy(model, dt, x.device)
     xw = x.detach().to(dt).clone().requires_grad_(True)
     mode = RectifierMode(work, method)
@@ -189,7 +169,7 @@ def _backward_map(
         finally:
             work._reconviz_stack.clear()  # type: ignore[attr-defined]
         out = select_output(raw, output, xw.shape[0])
-        score = _resolve_target(target, out)
+        score = resolve_target(out, target)
         (g,) = torch.autograd.grad(score.sum(), xw, allow_unused=True)
     if g is None:
         g = torch.zeros_like(xw)
