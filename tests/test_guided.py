@@ -215,6 +215,37 @@ def test_every_relu_form_and_residual(form, untouched):
 
 
 @pytest.mark.parametrize("name", ["resnet", "densenet"])
+class InputInplace(nn.Module):
+    """Rectifies its own input in place, then a slice of a hidden layer in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x.relu_()
+        h = self.fc1(x)
+        h[:, :3].relu_()  # in place on a view
+        return self.fc2(h)
+
+
+def test_inplace_on_input_and_on_a_view():
+    torch.manual_seed(3)
+    net = InputInplace().eval()
+    x = torch.randn(3, 4)
+    x0 = x.clone()
+    got = deconvnet(net, x, 1, dtype=torch.float64)
+    assert torch.equal(x, x0)  # the caller's tensor is not written to
+    # by hand: R = fc2.weight[1]; rectify units 0..2 (deconvnet: relu of the signal), pass 3..5
+    w1, w2 = net.fc1.weight.double(), net.fc2.weight.double()
+    r = w2[1].expand(3, 6).clone()
+    r[:, :3] = r[:, :3].clamp_min(0)
+    want = (r @ w1).clamp_min(0)  # the input's own ReLU, deconvnet rule
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
 def test_residual_and_concatenating_architectures(name, untouched):
     from archs import classic
 

@@ -165,7 +165,7 @@ def _backward_map(
     with torch.enable_grad():
         try:
             with mode:
-                raw = work(xw)
+                raw = work(xw.clone())  # a non-leaf: in-place ops on the input stay legal
         finally:
             work._reconviz_stack.clear()  # type: ignore[attr-defined]
         out = select_output(raw, output, xw.shape[0])
