@@ -112,6 +112,11 @@ def test_templates_per_class_limits_subset_and_svg(grey, tmp_path):
         lim = float(rec.weight[0, c].abs().max())
         assert ax.images[0].get_clim() == pytest.approx((-lim, lim))
         assert ax.get_title().startswith(f"class {c}")  # no class_names: "class c"
+    # class names as a mapping (missing ones fall back to "class c") or a numpy array
+    fig = rv.plot.templates(rec, classes=[7, 2], class_names={7: "seven"}, path=tmp_path / "m.png")
+    assert [ax.get_title().split("  ")[0] for ax in image_axes(fig)] == ["seven", "class 2"]
+    fig = rv.plot.templates(rec, classes=[7], class_names=np.array(NAMES), path=tmp_path / "a.png")
+    assert image_axes(fig)[0].get_title().startswith("seven")
 
 
 def test_templates_rgb(rgb, tmp_path):

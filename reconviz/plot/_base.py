@@ -160,9 +160,10 @@ def class_label(c: int, class_names: Any) -> str:
         return f"class {c}"
     if isinstance(class_names, Mapping):
         return str(class_names.get(c, f"class {c}"))
-    if isinstance(class_names, Sequence) and not isinstance(class_names, str):
+    if isinstance(class_names, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(class_names, (str, bytes)):
         if 0 <= c < len(class_names):
-            return str(class_names[c])
+            name = class_names[c]
+            return str(name.item() if hasattr(name, "item") else name)
         return f"class {c}"
     raise InputError(f"class_names must be a sequence or a mapping, got {type(class_names).__name__}")
 

@@ -57,7 +57,7 @@ def contributions(
     """
     n = check_probe(rec, probe)
     pos = _default_positions(rec, n, classes)
-    contrib = np64(rec.contributions()[n])  # (K, *sample)
+    contrib = np64(rec.weight[n]) * np64(rec.probes[n])[None]  # W_c * x, (K, *sample)
     maps = [as_chw(contrib[k]).sum(0) for k in pos]
     shared = limit(*maps)
     x = as_chw(rec.probes[n])

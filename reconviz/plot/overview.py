@@ -87,7 +87,7 @@ def overview(
     maps = saliency_maps(model, xs[n : n + 1].to(rec.weight.dtype), c, output=output, dtype=rec.weight.dtype, occlusion=occlusion)
 
     w = as_chw(np64(rec.weight[n, k]))
-    contrib = as_chw(np64(rec.contributions()[n, k])).sum(0)
+    contrib = (w * as_chw(np64(rec.probes[n]))).sum(0)  # W_c * x over channels
     grad = as_chw(maps["gradient"])
     gap = float(np.abs(grad - w).max())  # gradient == W_c for a piecewise-linear net
     saliency = np.abs(grad).max(0)
