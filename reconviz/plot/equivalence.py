@@ -71,7 +71,7 @@ def equivalence(
         # the table ------------------------------------------------------
         tab = fig.add_subplot(grid[r, 0])
         tab.set_axis_off()
-        header = ["class", *[_short(nm) for nm in names], "difference"]
+        header = ["class", *[_short(nm).replace(" (", "\n(") for nm in names], "difference"]
         cells = [
             [lab, *[f"{cols[nm][p, i]:.10f}" for nm in names], f"{got[i] - ref[i]:.2e}"]
             for lab, i in zip(labels, order)
@@ -79,9 +79,13 @@ def equivalence(
         table = tab.table(cellText=cells, colLabels=header, loc="center", cellLoc="right")
         table.auto_set_font_size(False)
         table.set_fontsize(7.5)
+        table.auto_set_column_width(list(range(len(header))))
         table.scale(1.0, 1.15)
+        tall = any("\n" in h for h in header)
         for j in range(len(header)):
             table[0, j].set_text_props(fontweight="bold")
+            if tall:
+                table[0, j].set_height(table[0, j].get_height() * 1.8)
         more = f" (top {shown} of {k_all} by original output)" if shown < k_all else ""
         tab.set_title(f"probe {p}{more}", fontsize=9)
 
@@ -99,20 +103,30 @@ def equivalence(
         bars.set_ylabel("class output (logit)", fontsize=8)
         bars.legend(fontsize=7, loc="best")
 
-        # the error ------------------------------------------------------
+        # the error: every comparison of the report, against its own tolerance --
         err = fig.add_subplot(grid[r, 2])
-        rel = np.abs(got - ref) / np.maximum(1.0, np.abs(ref))
-        err.bar(xs, np.maximum(rel[order], ERROR_FLOOR), color=COLUMN_COLOURS[1], bottom=0)
+        comps = [c for c in report.comparisons if c.a in cols and c.b in cols]
+        width = 0.8 / max(1, len(comps))
+        top = 1e-6
+        for j, comp in enumerate(comps):
+            a, b = cols[comp.a][p], cols[comp.b][p]
+            rel = np.abs(a - b) / np.maximum(1.0, np.abs(b))
+            colour = COLUMN_COLOURS[(names.index(comp.a) if comp.a in names else j + 1) % len(COLUMN_COLOURS)]
+            err.bar(xs + (j - (len(comps) - 1) / 2) * width, np.maximum(rel[order], ERROR_FLOOR), width,
+                    color=colour)
+            err.axhline(comp.tolerance, color=colour, linestyle="--", linewidth=1,
+                        label=f"{_short(comp.a)}: tolerance {comp.tolerance:g}")
+            top = max(top, comp.tolerance * 100, float(rel.max()) * 10)
         err.set_yscale("log")
-        err.set_ylim(ERROR_FLOOR, max(report.tolerance * 100, float(rel.max()) * 10, 1e-6))
-        err.axhline(report.tolerance, color="black", linestyle="--", linewidth=1,
-                    label=f"tolerance {report.tolerance:g}")
+        err.set_ylim(ERROR_FLOOR, top)
         err.set_xticks(xs, labels, rotation=45 if shown > 6 else 0, ha="right" if shown > 6 else "center",
                        fontsize=7)
         err.tick_params(axis="y", labelsize=7)
         err.set_ylabel("relative error", fontsize=8)
-        err.set_title(f"max rel {rel.max():.1e}, max abs {np.abs(got - ref).max():.1e}", fontsize=8)
-        err.legend(fontsize=7, loc="upper right")
+        diff = np.abs(got - ref)
+        err.set_title(f"max rel {(diff / np.maximum(1.0, np.abs(ref))).max():.1e}, max abs {diff.max():.1e}",
+                      fontsize=8)
+        err.legend(fontsize=6.5, loc="best")
 
     verdicts = "; ".join(
         f"{_short(c.a)} vs {_short(c.b)}: max rel {c.max_rel_error:.1e} {'PASS' if c.ok else 'FAIL'}"
