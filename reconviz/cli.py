@@ -857,9 +857,7 @@ def _saliency_figure(model: Any, x: Any, rec: Any, names: list[str], targets: li
 
     from . import saliency
 
-    maps = saliency.gradient(model, x, target=targets)
-    maps = np.asarray(maps.detach().cpu() if hasattr(maps, "detach") else maps, dtype=np.float64)
-    maps = maps.reshape(len(targets), -1, *maps.shape[-2:]).max(axis=1) if maps.ndim == 4 else maps
+    maps = saliency.saliency_map(saliency.gradient(model, x, targets)).cpu().numpy()  # (N, H, W)
     w = rec.weight.detach().cpu().numpy()
     n = len(targets)
     fig, axes = plt.subplots(3, n, figsize=(1.25 * n, 4.2), squeeze=False)
@@ -924,9 +922,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .reconstruction import Reconstruction
-
-    rec = Reconstruction.load(_existing_file(args.rec, "reconstruction"))
+    rec = load_reconstruction(args.rec)
     loaded = load_model(args.model, args)
     cli_meta = rec.meta.get("cli") or {}
     x = None
@@ -950,11 +946,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_PASS if report.ok else EXIT_FAIL
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def load_reconstruction(path_text: str) -> Any:
+    """Reconstruction.load, with a clear error for files that are not .npz archives."""
     from .reconstruction import Reconstruction
 
+    path = _existing_file(path_text, "reconstruction")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} is not a reconstruction (a .npz file written by reconviz)")
+    return Reconstruction.load(path)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
     rec_path = _existing_file(args.rec, "reconstruction")
-    rec = Reconstruction.load(rec_path)
+    rec = load_reconstruction(args.rec)
     out = _out_dir(args.out) if args.out else rec_path.resolve().parent
     names = parse_class_names(args.class_names) or rec.meta.get("class_names")
     _check_names(names, rec.classes.tolist())

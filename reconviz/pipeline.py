@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -14,7 +15,17 @@ from .errors import InputError
 from .linearize import LinearizedModel, as_linearized
 from .probe import OutputSelector
 from .reconstruction import Reconstruction, tolerance_for
-from .solve import METHODS, basis_chunk, choose_method, resolve_classes, sample_size, solve_adjoint, solve_basis
+from .solve import (
+    METHODS,
+    WeightSink,
+    choose_method,
+    plan_memory,
+    resolve_classes,
+    sample_size,
+    solve_adjoint,
+    solve_basis,
+    timed_bias,
+)
 
 __all__ = ["reconstruct"]
 
@@ -31,6 +42,7 @@ def reconstruct(
     *,
     seed: int = 0,
     max_memory: int | None = None,
+    out: str | os.PathLike | None = None,
     progress: bool | None = None,
 ) -> Reconstruction:
     """Reconstruct the exact affine model ``f(x) = W x + b`` of ``model`` at each probe.
@@ -48,13 +60,21 @@ def reconstruct(
         basis: ``"identity"`` (one by one), ``"hadamard"``, ``"random"``, or a
             :class:`~reconviz.basis.Basis`; used by the basis method.
         dtype: working precision (float64 by default: tolerance 1e-9 relative).
-        chunk_size: basis columns per forward pass (basis) or classes per backward
-            pass (adjoint). Default: basis chunks sized from ``max_memory``; one
-            class per backward on a retained graph.
+        chunk_size: basis columns per forward pass (basis) or classes per batched
+            backward pass (adjoint; 1 = one backward per class on a retained graph).
+            Default: calibrated on the work itself (sizes 1, 2, 4, ... timed while
+            they improve) within the cap the memory budget allows.
         output: selects the logits when the model returns a tuple, dict or object
             (an index, a key, or a callable on the output).
         seed: seed of the random basis.
-        max_memory: bytes of working memory one basis chunk may use (default 2 GiB).
+        max_memory: memory budget in bytes for W plus the chunks in flight. W
+            stays in memory when it fits with room for the chunks; otherwise it
+            streams to a memory-mapped ``.npy`` (``rec.streamed``) and every
+            :class:`Reconstruction` method works on it block by block. Default:
+            W in memory, 768 MiB for the chunks (GPU: a quarter of free memory).
+        out: path of a ``.npy`` file to stream W into (implies streaming); by
+            default a streamed W goes to an unlinked temporary file (folder:
+            ``$RECONVIZ_TMPDIR`` or the system's temporary folder).
         progress: show a progress bar (default: on a terminal, for long solves).
 
     Returns:
@@ -70,23 +90,43 @@ def reconstruct(
         raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     start = time.perf_counter()
     lin = as_linearized(model, x, dtype=dtype, output=output)
+    probed = time.perf_counter()
     cls = resolve_classes(classes, lin.n_outputs, lin.probes.device)
-    chosen = choose_method(lin, len(cls)) if method == "auto" else method
+    plan = plan_memory(lin, len(cls), max_memory, out)
+    b, pass_seconds = timed_bias(lin, cls)
+    decision: dict[str, Any] = {}
+    if method == "auto":
+        chosen = choose_method(lin, len(cls), seconds_per_pass=pass_seconds, work=plan.work_bytes, why=decision)
+    else:
+        chosen = method
+    sink = WeightSink((lin.n_probes, len(cls), sample_size(lin)), lin.dtype, lin.probes.device, plan)
+    info: dict[str, Any] = {}
+    common = dict(plan=plan, sink=sink, info=info, b=b, pass_seconds=pass_seconds)
     if chosen == "basis":
         bas = make_basis(basis, sample_size(lin), seed)
-        w, b = solve_basis(lin, cls, bas, chunk_size or basis_chunk(lin, max_memory), progress)
+        w, b = solve_basis(lin, cls, bas, chunk_size, progress, **common)
     else:
-        w, b = solve_adjoint(lin, cls, chunk_size or 1, progress)
+        w, b = solve_adjoint(lin, cls, chunk_size, progress, **common)
+    solved = time.perf_counter()
+    meta = _meta(model, lin, chosen, basis if chosen == "basis" else None, seed, output)
+    meta.update(chunk_size=info.get("chunk"), memory=plan.meta(), solver=info)
+    if decision:
+        meta["auto"] = decision
+    if plan.path is not None:
+        meta["weight_file"] = plan.path
     rec = Reconstruction(
         weight=w.reshape(lin.n_probes, len(cls), *lin.sample_shape),
         bias=b,
         classes=cls,
         logits=lin.logits[:, cls],
         probes=lin.probes,
-        meta=_meta(model, lin, chosen, basis if chosen == "basis" else None, seed, output),
+        meta=meta,
+        mapped=sink.mapped,
     )
     rec.check()
-    rec.meta["seconds"] = time.perf_counter() - start
+    end = time.perf_counter()
+    rec.meta["seconds"] = end - start
+    rec.meta["timings"] = {"probe": probed - start, "solve": solved - probed, "check": end - solved}
     return rec
 
 

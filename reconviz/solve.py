@@ -2,18 +2,40 @@
 
 * basis   (the paper's method)   b = g(0),  W = (g(Q) - b) Q^T  over an orthonormal
   basis Q, fed to g in chunks of columns (one forward pass per input element).
-* adjoint (reverse mode)         W[:, c] = d g_c / d x, one backward pass per class.
+* adjoint (reverse mode)         W[c, :] = d g_c / d x: one forward pass with its
+  graph kept, then one input-gradient backward pass per class; ``chunk`` > 1
+  runs ``chunk`` classes in one batched backward (``is_grads_batched``).
 
-Both are exact for an affine g; they agree to rounding. ``auto`` picks by
-shapes: the basis solve costs D forward passes, the adjoint about K forward +
-backward pairs (a backward costs about two forwards).
+Both are exact for an affine g; they agree to rounding.
+
+Memory. Every solve works within a budget (:class:`MemoryPlan`): W itself (in
+memory, or streamed to a memory-mapped ``.npy`` when it does not fit) plus the
+working memory of the chunks in flight. Chunk sizes are derived from the probe
+pass's measured activation footprint (``LinearizedModel.activation_bytes``),
+never fixed; probes are split into groups when even one chunk of all probes
+would not fit.
+
+Speed. Within the memory cap the chunk size is *calibrated* on the real work:
+chunks of 1, 2, 4, ... columns (or classes) are timed as they are computed, and
+the doubling stops when the time per column stops improving (a float64 conv on
+a CPU is often fastest one sample at a time; a GPU wants large batches). No
+chunk is computed twice: calibration costs nothing but the odd chunk size.
+
+``auto`` compares the two methods' predicted costs from the shapes and from
+timings it takes anyway (the bias forward, the first chunks); where the
+prediction is not clear-cut it times a first chunk of each (see
+:func:`choose_method`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import sys
-from typing import Iterator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -22,36 +44,276 @@ from tqdm.auto import tqdm
 from .basis import Basis
 from .errors import InputError
 from .linearize import LinearizedModel, Observer
+from .probe import Probe
+from .reconstruction import BLOCK_BYTES, MappedWeight
 
-__all__ = ["solve_basis", "solve_adjoint", "choose_method", "basis_chunk", "METHODS"]
+__all__ = [
+    "solve_basis", "solve_adjoint", "choose_method", "basis_chunk", "adjoint_chunk", "plan_memory",
+    "MemoryPlan", "WeightSink", "METHODS", "DEFAULT_WORK_MEMORY",
+]
 
 METHODS = ("auto", "basis", "adjoint")
-DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes of working memory a chunk may use
+DEFAULT_WORK_MEMORY = 768 * 2**20  # bytes of chunk working memory when max_memory is not given
+DEFAULT_MAX_MEMORY = DEFAULT_WORK_MEMORY  # older name
+MIN_WORK_MEMORY = 64 * 2**20  # a budget leaves at least this much for the chunks, or W streams
+BACKWARD_COST = 1.3  # an input-gradient backward costs about this many forwards (prior for auto)
+PASS_SAMPLES = 16.0  # fixed cost of a pass, in samples, for a model whose pass is all overhead
+OVERHEAD_BOUND = 0.005  # a pass faster than this (seconds) is dominated by fixed costs: batch fully
 
 
 def sample_size(lin: LinearizedModel) -> int:
     return math.prod(lin.sample_shape)
 
 
-def choose_method(lin: LinearizedModel, n_classes: int) -> str:
-    """``adjoint`` when K forward+backward pairs cost less than D forwards."""
-    return "adjoint" if 3 * n_classes < sample_size(lin) else "basis"
+def _itemsize(lin: LinearizedModel) -> int:
+    return lin.probes.element_size()
+
+
+def per_probe_bytes(lin: LinearizedModel) -> int:
+    """Working bytes of one sample in flight: its measured activations plus the input."""
+    return max(1, lin.activation_bytes // max(1, lin.n_probes)) + sample_size(lin) * _itemsize(lin)
+
+
+# --------------------------------------------------------------------------
+# Memory plan
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryPlan:
+    """How a solve uses memory: W in memory or streamed, and the chunks' working budget."""
+
+    weight_bytes: int  # size of W (N x K x D)
+    work_bytes: int  # budget for the chunks in flight
+    stream: bool  # W goes to a memory-mapped .npy file
+    max_memory: int | None  # the budget asked for (None: default)
+    path: str | None = None  # where a streamed W goes (None: a temporary file)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "max_memory": self.max_memory, "work_memory": self.work_bytes,
+            "weight_bytes": self.weight_bytes, "streamed": self.stream,
+        }
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (host: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 * 2**30
+
+
+def default_work_memory(device: torch.device) -> int:
+    if device.type == "cuda":  # a quarter of the free device memory, at most 8 GiB
+        return int(min(8 * 2**30, max(MIN_WORK_MEMORY, available_memory(device) // 4)))
+    return DEFAULT_WORK_MEMORY
+
+
+def plan_memory(
+    lin: LinearizedModel,
+    n_classes: int,
+    max_memory: int | None = None,
+    out: str | os.PathLike | None = None,
+) -> MemoryPlan:
+    """Split the budget ``max_memory`` (bytes for W plus the chunks) between W and the chunks.
+
+    * ``max_memory=None``: W in memory (streamed only when it would not fit in half
+      of the available memory), chunks within :data:`DEFAULT_WORK_MEMORY`
+      (on a GPU: a quarter of the free memory, at most 8 GiB).
+    * ``max_memory=M``: W in memory if W plus :data:`MIN_WORK_MEMORY` fits in M,
+      the rest for the chunks; otherwise W streams to disk and the chunks get M
+      less one block of W in transit.
+    * ``out=path``: W always streams to the ``.npy`` file ``path``.
+    """
+    if max_memory is not None and (not isinstance(max_memory, int) or isinstance(max_memory, bool)
+                                   or max_memory <= 0):
+        raise InputError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    device = lin.probes.device
+    wbytes = lin.n_probes * n_classes * sample_size(lin) * _itemsize(lin)
+    if max_memory is None:
+        work = default_work_memory(device)
+        stream = out is not None or wbytes > available_memory(device) // 2
+    else:
+        stream = out is not None or wbytes + MIN_WORK_MEMORY > max_memory
+        work = max_memory - (min(BLOCK_BYTES, wbytes) if stream else wbytes)
+        work = max(work, max_memory // 2 if stream else MIN_WORK_MEMORY // 4)
+    return MemoryPlan(wbytes, int(work), stream, max_memory, None if out is None else os.fspath(out))
 
 
 def basis_chunk(lin: LinearizedModel, max_memory: int | None = None) -> int:
-    """Basis columns per forward pass so that one pass stays within ``max_memory``.
+    """Most basis columns per forward pass so that one pass stays within ``max_memory``
+    bytes of working memory (default :data:`DEFAULT_WORK_MEMORY`).
 
     The probe pass measured the bytes of all intermediate tensors for N probes;
     a chunk of m columns runs m * N samples.
     """
-    budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    per_column = max(1, lin.activation_bytes) + lin.n_probes * sample_size(lin) * lin.probes.element_size()
+    budget = default_work_memory(lin.probes.device) if max_memory is None else max_memory
+    per_column = lin.n_probes * per_probe_bytes(lin)
     return int(max(1, min(sample_size(lin), budget // per_column)))
 
 
-def _progress(total: int, desc: str, progress: bool | None):
+def adjoint_chunk(lin: LinearizedModel, n_classes: int, max_memory: int | None = None) -> int:
+    """Most classes per batched backward: the kept graph (N samples' activations)
+    plus ``chunk`` gradients of that size must fit in ``max_memory`` working bytes."""
+    budget = default_work_memory(lin.probes.device) if max_memory is None else max_memory
+    graph = lin.n_probes * per_probe_bytes(lin)
+    return int(max(1, min(n_classes, (budget - graph) // graph)))
+
+
+# --------------------------------------------------------------------------
+# Where W goes
+# --------------------------------------------------------------------------
+
+
+class WeightSink:
+    """W (N, K, D) being assembled: a tensor on the solve's device, or a memory-mapped
+    ``.npy`` (``plan.stream``) whose written pages are handed back every block."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                 plan: MemoryPlan | None = None):
+        self.mapped: MappedWeight | None = None
+        if plan is not None and plan.stream:
+            self.mapped = MappedWeight.create(shape, dtype, path=plan.path)
+            self.w = self.mapped.tensor
+        else:
+            self.w = torch.empty(shape, dtype=dtype, device=device)
+        self._touched = 0
+
+    def _moved(self, value: Tensor) -> Tensor:
+        return value.to(self.w.device) if value.device != self.w.device else value
+
+    def put_rows(self, probes: slice, c0: int, c1: int, value: Tensor) -> None:
+        """W[probes, c0:c1, :] = value (n, c1 - c0, D)."""
+        self.w[probes, c0:c1] = self._moved(value)
+        self._touch(value.numel() * value.element_size())
+
+    def put_cols(self, probes: slice, cols: slice | Tensor, value: Tensor) -> None:
+        """W[probes, :, cols] = value (n, K, m)."""
+        if isinstance(cols, Tensor):
+            cols = cols.to(self.w.device)
+        self.w[probes, :, cols] = self._moved(value)
+        # every row of W gets a few bytes: count at least a page per row
+        self._touch(value.shape[0] * value.shape[1] * max(4096, value.shape[2] * value.element_size()))
+
+    def _touch(self, nbytes: int) -> None:
+        if self.mapped is None:
+            return
+        self._touched += nbytes
+        if self._touched >= BLOCK_BYTES:
+            self.mapped.release()
+            self._touched = 0
+
+    def finish(self) -> Tensor:
+        if self.mapped is not None:
+            self.mapped.flush()
+            self.mapped.release()
+        return self.w
+
+
+# --------------------------------------------------------------------------
+# Chunk sizes: fixed, or calibrated on the real work
+# --------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Chunker:
+    """Hands out chunk sizes. Fixed, or calibrating: 1, 2, 4, ... up to ``cap`` while the
+    time per unit improves by more than ``gain``; then the best size seen."""
+
+    def __init__(self, fixed: int | None, cap: int, start: int = 1, gain: float = 0.05):
+        self.cap = max(1, int(cap))
+        self.fixed = fixed
+        self.size = fixed if fixed is not None else min(max(1, start), self.cap)
+        self.settled = fixed is not None
+        self.gain = gain
+        self.trials: list[tuple[int, float]] = []  # (size, seconds per unit)
+        self._best: tuple[int, float] | None = None
+
+    def next(self, remaining: int) -> int:
+        return max(1, min(self.size, remaining))
+
+    def record(self, m: int, seconds: float) -> None:
+        if self.settled:
+            return
+        per = seconds / max(1, m)
+        self.trials.append((m, per))
+        if m < self.size:  # the work ran out before the planned size: nothing to learn
+            return
+        if self._best is None or per < self._best[1] * (1 - self.gain):
+            self._best = (m, per)
+            if m >= self.cap:
+                self.settled = True
+            else:
+                self.size = min(2 * m, self.cap)
+        else:
+            self.size = self._best[0]
+            self.settled = True
+
+    @property
+    def per_unit(self) -> float | None:
+        """Best measured seconds per unit (column or class), None before any trial."""
+        if self._best is not None:
+            return self._best[1]
+        return min((p for _, p in self.trials), default=None)
+
+    def meta(self) -> dict[str, Any]:
+        return {"chunk": self.size, "calibration": [[m, p] for m, p in self.trials]}
+
+
+def _progress(total: int, desc: str, progress: bool | None, unit: str = "col"):
     enabled = (sys.stderr.isatty() and total >= 256) if progress is None else progress
-    return tqdm(total=total, desc=desc, unit="col", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+
+
+# --------------------------------------------------------------------------
+# Probe groups: when one chunk of all N probes does not fit
+# --------------------------------------------------------------------------
+
+
+def sub_linearized(lin: LinearizedModel, probes: slice) -> LinearizedModel:
+    """The linearized model restricted to probes ``probes`` (priors sliced, model shared)."""
+    if probes == slice(None) or (probes.start in (None, 0) and probes.stop >= lin.n_probes):
+        return lin
+    n = lin.n_probes
+    priors = [
+        dataclasses.replace(p, shape=(len(range(n)[probes]),) + p.shape[1:],
+                            tensors={k: v[probes] for k, v in p.tensors.items()})
+        if p.batched else p
+        for p in lin.priors
+    ]
+    m = len(range(n)[probes])
+    found = Probe(lin.work, lin.probes[probes], priors, lin.logits[probes], lin.output,
+                  lin.activation_bytes * m // n)
+    return LinearizedModel(found)
+
+
+def probe_groups(lin: LinearizedModel, per_probe: int, budget: int) -> list[slice]:
+    """Consecutive probe ranges with ``size * per_probe <= budget`` (at least one probe each)."""
+    n = lin.n_probes
+    if n * per_probe <= budget or not all(p.batched for p in lin.priors):
+        return [slice(0, n)]
+    size = max(1, budget // max(1, per_probe))
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+# --------------------------------------------------------------------------
+# Basis solve
+# --------------------------------------------------------------------------
 
 
 def bias(lin: LinearizedModel, classes: Tensor, observer: Observer | None = None) -> Tensor:
@@ -59,6 +321,65 @@ def bias(lin: LinearizedModel, classes: Tensor, observer: Observer | None = None
     with torch.no_grad():
         zero = torch.zeros_like(lin.probes)
         return lin(zero, observer=observer)[:, classes]
+
+
+def timed_bias(lin: LinearizedModel, classes: Tensor) -> tuple[Tensor, float]:
+    """b = g(0) and the seconds its forward pass of N samples took."""
+    _sync(lin.probes.device)
+    t0 = time.perf_counter()
+    b = bias(lin, classes)
+    _sync(lin.probes.device)
+    return b, time.perf_counter() - t0
+
+
+def _start(chunk: int | None, cap: int, pass_seconds: float) -> int:
+    """First chunk size: calibrate from 1, or the cap at once when a pass is all overhead."""
+    return cap if chunk is None and pass_seconds < OVERHEAD_BOUND else 1
+
+
+def _block_tensor(basis: Basis, k: int, lin: LinearizedModel) -> Tensor | None:
+    bk_np = basis.block(k)
+    return None if bk_np is None else torch.as_tensor(bk_np, dtype=lin.dtype, device=lin.probes.device)
+
+
+def _columns(basis: Basis, k: int, start: int, stop: int) -> slice | Tensor:
+    """W columns that columns start..stop of block k land on (a slice where contiguous)."""
+    off, _ = basis.blocks[k]
+    if basis.perm is None:
+        return slice(off + start, off + stop)
+    return torch.as_tensor(basis.rows(k)[start:stop])
+
+
+def _sweep(
+    lin: LinearizedModel,
+    basis: Basis,
+    classes: Tensor,
+    chunker: Chunker,
+    progress: bool | None = None,
+    observer: Observer | None = None,
+    bar_total: int | None = None,
+) -> Iterator[tuple[int, int, int, Tensor | None, Tensor]]:
+    n, shape, device = lin.n_probes, lin.sample_shape, lin.probes.device
+    timed = not chunker.settled
+    with torch.no_grad(), _progress(bar_total or basis.size, f"basis solve ({basis.name})", progress) as bar:
+        for k, (_, size) in enumerate(basis.blocks):
+            bk = _block_tensor(basis, k, lin)
+            start = 0
+            while start < size:
+                stop = start + chunker.next(size - start)
+                if timed and not chunker.settled:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                q = basis.inputs(k, start, stop, bk, lin.probes)
+                batch = q.reshape(stop - start, 1, *shape).expand(-1, n, *shape).reshape(-1, *shape)
+                out = lin(batch, observer=observer)[:, classes]
+                out = out.reshape(stop - start, n, -1).permute(1, 2, 0)
+                if timed and not chunker.settled:
+                    _sync(device)
+                    chunker.record(stop - start, time.perf_counter() - t0)
+                yield k, start, stop, bk, out
+                bar.update(stop - start)
+                start = stop
 
 
 def sweep(
@@ -70,79 +391,203 @@ def sweep(
     observer: Observer | None = None,
 ) -> Iterator[tuple[int, int, int, Tensor | None, Tensor]]:
     """Feed every basis column through g: yields (block, start, stop, B_k, outputs (N, K, m))."""
-    n, shape = lin.n_probes, lin.sample_shape
-    with torch.no_grad(), _progress(basis.size, f"basis solve ({basis.name})", progress) as bar:
-        for k, (_, size) in enumerate(basis.blocks):
-            bk_np = basis.block(k)
-            bk = None if bk_np is None else torch.as_tensor(bk_np, dtype=lin.dtype, device=lin.probes.device)
-            for start in range(0, size, chunk):
-                stop = min(size, start + chunk)
-                q = basis.inputs(k, start, stop, bk, lin.probes)
-                batch = q.reshape(stop - start, 1, *shape).expand(-1, n, *shape).reshape(-1, *shape)
-                out = lin(batch, observer=observer)[:, classes]
-                yield k, start, stop, bk, out.reshape(stop - start, n, -1).permute(1, 2, 0)
-                bar.update(stop - start)
+    yield from _sweep(lin, basis, classes, Chunker(chunk, chunk), progress, observer)
 
 
 def solve_basis(
     lin: LinearizedModel,
     classes: Tensor,
     basis: Basis,
-    chunk: int,
+    chunk: int | None = None,
     progress: bool | None = None,
     observer: Observer | None = None,
+    *,
+    plan: MemoryPlan | None = None,
+    sink: WeightSink | None = None,
+    info: dict | None = None,
+    b: Tensor | None = None,
+    pass_seconds: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """W (N, K, D) and b (N, K) by the orthogonal-basis method."""
-    b = bias(lin, classes)
-    w = torch.empty(lin.n_probes, len(classes), basis.size, dtype=lin.dtype, device=lin.probes.device)
-    block_g: Tensor | None = None
-    for k, start, stop, bk, out in sweep(lin, basis, classes, chunk, progress, observer):
-        rows = torch.as_tensor(basis.rows(k), device=w.device)
-        centred = out - b.unsqueeze(-1)
-        if bk is None:  # identity block: columns land directly
-            w[:, :, rows[start:stop]] = centred
-            continue
-        if start == 0:
-            block_g = torch.empty(*w.shape[:2], bk.shape[0], dtype=w.dtype, device=w.device)
-        block_g[:, :, start:stop] = centred
-        if stop == bk.shape[0]:
-            w[:, :, rows] = block_g @ bk.T  # (G_k - b) B_k^T
-    return w, b
+    """W (N, K, D) and b (N, K) by the orthogonal-basis method.
+
+    ``chunk``: columns per forward pass (default: calibrated within the memory cap
+    of ``plan``). W goes to ``sink`` (default: in memory, or streamed per ``plan``).
+    ``info`` (a dict) receives the chunk sizes used and their timings.
+    """
+    plan = plan or plan_memory(lin, len(classes))
+    n, k_cls = lin.n_probes, len(classes)
+    sink = sink or WeightSink((n, k_cls, basis.size), lin.dtype, lin.probes.device, plan)
+    if b is None:
+        b, pass_seconds = timed_bias(lin, classes)
+    per_probe = per_probe_bytes(lin)
+    groups = probe_groups(lin, per_probe, plan.work_bytes)
+    calib: list[dict] = []
+    for probes in groups:
+        sub = sub_linearized(lin, probes)
+        bg = b[probes]
+        cap = max(1, min(basis.size, plan.work_bytes // (sub.n_probes * per_probe)))
+        chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0))
+        block_g: Tensor | None = None
+        for k, start, stop, bk, out in _sweep(sub, basis, classes, chunker, progress, observer):
+            centred = out - bg.unsqueeze(-1)
+            if bk is None:  # identity block: columns land directly
+                sink.put_cols(probes, _columns(basis, k, start, stop), centred)
+                continue
+            if start == 0:
+                block_g = torch.empty(sub.n_probes, k_cls, bk.shape[0], dtype=lin.dtype, device=out.device)
+            block_g[:, :, start:stop] = centred
+            if stop == bk.shape[0]:
+                sink.put_cols(probes, _columns(basis, k, 0, stop), block_g @ bk.T)  # (G_k - b) B_k^T
+        calib.append(chunker.meta())
+    if info is not None:
+        info.update(calib[0] if len(calib) == 1 else {"chunk": calib[-1]["chunk"], "groups": calib})
+        info["probe_groups"] = len(groups)
+    return sink.finish(), b
+
+
+# --------------------------------------------------------------------------
+# Adjoint solve
+# --------------------------------------------------------------------------
+
+
+def _one_hot_seeds(m: int, out: Tensor, c0: int) -> Tensor:
+    """(m, *out.shape): seed j is the one-hot of class c0 + j, for every probe."""
+    seed = torch.zeros(m, *out.shape, dtype=out.dtype, device=out.device)
+    seed[torch.arange(m, device=out.device), :, torch.arange(c0, c0 + m, device=out.device)] = 1
+    return seed
 
 
 def solve_adjoint(
     lin: LinearizedModel,
     classes: Tensor,
-    chunk: int = 1,
+    chunk: int | None = 1,
     progress: bool | None = None,
+    *,
+    plan: MemoryPlan | None = None,
+    sink: WeightSink | None = None,
+    batching: str = "grads",
+    info: dict | None = None,
+    b: Tensor | None = None,
+    pass_seconds: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """W by reverse mode through the frozen network g; ``chunk`` classes per backward pass.
+    """W by reverse mode through the frozen network g.
 
-    chunk = 1 keeps one forward graph and runs a backward per class; chunk = m > 1
-    runs m copies of the probes at once and seeds copy j with class j's one-hot.
+    One forward pass keeps its graph; then ``chunk`` classes per backward pass:
+    chunk = 1 is one backward per class on the retained graph; chunk = m > 1 seeds
+    m one-hot classes in one batched backward (``batching="grads"``:
+    ``torch.autograd.grad(..., is_grads_batched=True)``; ``"replicate"``: a forward
+    of m copies of the probes, each copy seeded with one class). ``chunk=None``
+    calibrates the size within the memory cap of ``plan``. Where a batched
+    backward is not supported by an op, it falls back to one class at a time.
     """
+    if batching not in ("grads", "replicate"):
+        raise InputError(f"batching must be 'grads' or 'replicate', got {batching!r}")
+    plan = plan or plan_memory(lin, len(classes))
     n, shape, k = lin.n_probes, lin.sample_shape, len(classes)
-    w = torch.empty(n, k, sample_size(lin), dtype=lin.dtype, device=lin.probes.device)
-    with torch.enable_grad(), _progress(k, "adjoint solve", progress) as bar:
-        if chunk <= 1:
-            x = lin.probes.detach().clone().requires_grad_(True)
-            out = lin(x)[:, classes]
-            for j in range(k):
-                (g,) = torch.autograd.grad(out[:, j].sum(), x, retain_graph=j < k - 1)
-                w[:, j] = g.reshape(n, -1)
-                bar.update(1)
-        else:
-            for c0 in range(0, k, chunk):
-                m = min(chunk, k - c0)
-                x = lin.probes.detach().unsqueeze(0).expand(m, n, *shape).reshape(m * n, *shape)
-                x = x.clone().requires_grad_(True)
-                out = lin(x).reshape(m, n, -1)
-                seed = torch.zeros_like(out)
-                seed[torch.arange(m), :, classes[c0 : c0 + m]] = 1
-                (g,) = torch.autograd.grad(out, x, grad_outputs=seed)
-                w[:, c0 : c0 + m] = g.reshape(m, n, -1).transpose(0, 1)
+    device = lin.probes.device
+    sink = sink or WeightSink((n, k, sample_size(lin)), lin.dtype, device, plan)
+    if b is None:
+        b, pass_seconds = timed_bias(lin, classes)
+    per_probe = per_probe_bytes(lin)
+    # the kept graph of a group plus one gradient per class in flight
+    groups = probe_groups(lin, 2 * per_probe, plan.work_bytes)
+    calib: list[dict] = []
+    fell_back: str | None = None
+    with torch.enable_grad(), _progress(k * len(groups), "adjoint solve", progress, unit="class") as bar:
+        for probes in groups:
+            sub = sub_linearized(lin, probes)
+            m_probes = sub.n_probes
+            graph = m_probes * per_probe
+            cap = max(1, min(k, (plan.work_bytes - graph) // graph))
+            chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0))
+            x = out = None
+            if batching == "grads" or chunker.size == 1:
+                x = sub.probes.detach().clone().requires_grad_(True)
+                out = sub(x)[:, classes]
+            c0 = 0
+            while c0 < k:
+                m = chunker.next(k - c0)
+                timed = not chunker.settled
+                if timed:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                last = c0 + m >= k
+                if m == 1 or fell_back:
+                    m = 1
+                    if out is None:
+                        x = sub.probes.detach().clone().requires_grad_(True)
+                        out = sub(x)[:, classes]
+                    (g,) = torch.autograd.grad(out[:, c0].sum(), x, retain_graph=not last)
+                    g = g.reshape(m_probes, 1, -1)
+                elif batching == "grads":
+                    try:
+                        (g,) = torch.autograd.grad(out, x, grad_outputs=_one_hot_seeds(m, out, c0),
+                                                   is_grads_batched=True, retain_graph=not last)
+                    except RuntimeError as e:  # an op without a batching rule
+                        fell_back = f"batched backward unsupported ({str(e).splitlines()[0][:160]})"
+                        chunker = Chunker(1, 1)
+                        x = out = None  # rebuild the graph: the failed pass may have freed it
+                        continue
+                    g = g.reshape(m, m_probes, -1).transpose(0, 1)
+                else:  # replicate: m copies of the probes, copy j seeded with class c0 + j
+                    xr = sub.probes.detach().unsqueeze(0).expand(m, *sub.probes.shape)
+                    xr = xr.reshape(m * m_probes, *shape).clone().requires_grad_(True)
+                    outr = sub(xr)[:, classes].reshape(m, m_probes, -1)
+                    seed = torch.zeros_like(outr)
+                    seed[torch.arange(m, device=device), :, torch.arange(c0, c0 + m, device=device)] = 1
+                    (g,) = torch.autograd.grad(outr, xr, grad_outputs=seed)
+                    g = g.reshape(m, m_probes, -1).transpose(0, 1)
+                if timed:
+                    _sync(device)
+                    chunker.record(m, time.perf_counter() - t0)
+                sink.put_rows(probes, c0, c0 + m, g)
+                c0 += m
                 bar.update(m)
-    return w, bias(lin, classes)
+            del x, out
+            calib.append(chunker.meta())
+    if info is not None:
+        info.update(calib[0] if len(calib) == 1 else {"chunk": calib[-1]["chunk"], "groups": calib})
+        info["probe_groups"] = len(groups)
+        info["batching"] = "loop" if (fell_back or info["chunk"] == 1) else batching
+        if fell_back:
+            info["fallback"] = fell_back
+    return sink.finish(), b
+
+
+# --------------------------------------------------------------------------
+# auto
+# --------------------------------------------------------------------------
+
+
+def choose_method(lin: LinearizedModel, n_classes: int, *, seconds_per_pass: float | None = None,
+                  work: int | None = None, why: dict | None = None) -> str:
+    """``adjoint`` when K backward passes cost less than D forward passes.
+
+    Shapes: the basis solve runs D * N samples forward; the adjoint N samples
+    forward with the graph kept, then K backward passes of N samples (a backward
+    costs about :data:`BACKWARD_COST` forwards). ``seconds_per_pass`` (the measured
+    time of one forward pass of the N probes, e.g. the bias pass) adds the number
+    of passes: a pass that takes under :data:`OVERHEAD_BOUND` is mostly fixed
+    cost, so each method is charged its pass count (basis: D over its chunk cap;
+    adjoint: 2 plus K over its chunk cap) on top of its samples.
+    """
+    d = sample_size(lin)
+    basis = float(d)
+    adjoint = 1.0 + BACKWARD_COST * n_classes
+    if seconds_per_pass is not None and seconds_per_pass < OVERHEAD_BOUND:
+        basis_passes = math.ceil(d / basis_chunk(lin, work))
+        adjoint_passes = 2 + math.ceil(n_classes / adjoint_chunk(lin, n_classes, work))
+        basis, adjoint = basis + basis_passes * PASS_SAMPLES, adjoint + adjoint_passes * PASS_SAMPLES
+    chosen = "adjoint" if adjoint <= basis else "basis"
+    if why is not None:
+        why.update(rule="shapes" if seconds_per_pass is None else "shapes+passes", basis_cost=basis,
+                   adjoint_cost=adjoint, pass_seconds=seconds_per_pass, chosen=chosen)
+    return chosen
+
+
+# --------------------------------------------------------------------------
+# classes
+# --------------------------------------------------------------------------
 
 
 def resolve_classes(classes, n_outputs: int, device: torch.device) -> Tensor:
