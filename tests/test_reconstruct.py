@@ -232,3 +232,18 @@ def test_verify_reports_radius_and_table():
     text = str(report)
     assert "PASS" in text and "tolerance 1e-09" in text and "certified radius" in text
     assert '"ok": true' in report.to_json()
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """atomic_write goes through mkstemp (mode 0600) but leaves a file readable as umask allows."""
+    import os
+
+    from reconviz.reconstruction import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # no temporary left behind
