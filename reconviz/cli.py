@@ -633,22 +633,19 @@ def _onnx_file(loaded: LoadedModel, x: Any, workdir: Path) -> Path:
     return path
 
 
-def _onnx_forward(path: Path, x: Any) -> Any:
+def _onnx_forward(path: Path, x: Any, tensor: str | None = None) -> Any:
+    """The ONNX model's first output (or the tensor ``tensor``, e.g. the logits before a
+    final Softmax that reconviz.onnx reconstructs) at x, as float64 (N, K)."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        out = session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0]
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"onnxruntime could not run {path} on inputs of shape {tuple(x.shape)}: "
-                         f"{_one_line(e)[:300]}") from e
-    return torch.from_numpy(np.asarray(out, dtype=np.float64).reshape(x.shape[0], -1))
+    from .onnx import run_model
+
+    out = run_model(path, x, tensor)
+    return torch.from_numpy(np.asarray(out, dtype=np.float64))
 
 
-def model_logits(loaded: LoadedModel, x: Any, output: Any, workdir: Path) -> Any:
+def model_logits(loaded: LoadedModel, x: Any, output: Any, workdir: Path, tensor: str | None = None) -> Any:
     """f(x) flattened to (N, K_all), in float64 (float32 math for ONNX/TorchScript)."""
     import torch
 
@@ -658,7 +655,7 @@ def model_logits(loaded: LoadedModel, x: Any, output: Any, workdir: Path) -> Any
         work = working_copy(loaded.module, torch.float64, x.device)
         with torch.no_grad():
             return select_output(work(x.to(torch.float64)), output, x.shape[0])
-    return _onnx_forward(_onnx_file(loaded, x, workdir), x)
+    return _onnx_forward(_onnx_file(loaded, x, workdir), x, tensor)
 
 
 def _reconstruct(loaded: LoadedModel, x: Any, args: argparse.Namespace, classes: Any, workdir: Path) -> Any:
@@ -708,7 +705,8 @@ def _verify_external(loaded: LoadedModel, rec: Any, x: Any, names: list[str] | N
 
     x = rec.probes if x is None else x
     x = x.to(rec.weight.dtype)
-    original = model_logits(loaded, x, None, workdir)[:, rec.classes.cpu()].to(rec.weight.dtype)
+    tensor = rec.meta.get("logits_tensor")  # the logits reconviz.onnx reconstructed (before a final Softmax)
+    original = model_logits(loaded, x, None, workdir, tensor)[:, rec.classes.cpu()].to(rec.weight.dtype)
     rebuilt = rec(x)
     tol = rec.tolerance if tolerance is None else tolerance
     a, b = "reconstructed (torch)", "original (onnxruntime)"
@@ -723,6 +721,7 @@ def _verify_external(loaded: LoadedModel, rec: Any, x: Any, names: list[str] | N
     )
     report.notes.append(f"{loaded.describe()} run by onnxruntime in float32; W vs Jacobian and the "
                         "certified radius need a PyTorch model (--arch + state_dict)")
+    report.notes += [str(n) for n in rec.meta.get("notes", [])]  # e.g. a final Softmax stepped over
     return report
 
 
