@@ -104,14 +104,23 @@ class VerificationReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_finite)
+        """Strict JSON: an infinite radius (a model with no gate) is the string ``"inf"``,
+        ``float("inf")`` reads it back; NaN is ``null``."""
+        return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False, default=str)
 
     def __str__(self) -> str:
         return format_report(self)
 
 
 def _finite(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
+    """``v`` with every non-finite float replaced (json.dumps never hands floats to ``default``)."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
 
 
 def format_report(r: VerificationReport, max_rows: int = 40) -> str:

@@ -247,3 +247,17 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # no temporary left behind
+
+
+def test_report_json_is_strict_when_the_radius_is_infinite():
+    """A model with no gate is affine everywhere: radius inf, written as "inf" (valid JSON)."""
+    import json
+
+    import reconviz as rv
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    report = rv.verify(model, rv.reconstruct(model, x))
+    assert report.ok and math.isinf(float(report.radius.l2[0]))
+    data = json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert data["radius_l2"] == ["inf", "inf"] and float(data["radius_l2"][0]) == math.inf
