@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ReplayMismatchError
+from .errors import InputError, ReplayMismatchError
 
 __all__ = ["Prior", "Gate", "GATES", "gate_for", "register_gate"]
 
@@ -114,7 +114,9 @@ class Gate:
         raise NotImplementedError
 
     def features(self, prior: Prior, z: Tensor) -> Tensor:
-        """Affine functions of z, shape (B, M), whose sign pattern is the region."""
+        """Affine functions of z, shape (B, M), whose sign pattern is the region.
+
+        Must not share memory with ``z``: the gate may then write into z in place."""
         raise NotImplementedError
 
     def margins(self, prior: Prior, z: Tensor) -> Tensor:
@@ -184,7 +186,9 @@ class ElementwiseGate(Gate):
         return out.reshape(z.shape)
 
     def features(self, prior, z):
-        return z.flatten(1)
+        # a copy, never a view of z: an in-place gate (ReLU(inplace=True), relu_, ...) overwrites
+        # z right after the observer has seen it, and the radius keeps h(0) for the whole sweep
+        return z.flatten(1).clone()
 
     def face_sign(self, prior, z, probe, feature):
         h = float(z[probe].flatten()[feature])
@@ -401,6 +405,14 @@ class MaxPoolGate(Gate):
                 call.z, p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"]
             )
         params = dict(p, in_spatial=tuple(call.z.shape[-p["k"]:]))
+        size = math.prod(params["in_spatial"])
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise InputError(
+                f"a max-pool window (kernel {p.get('kernel_size')}, stride {p.get('stride')}, padding "
+                f"{p.get('padding')}, dilation {p.get('dilation')}) on an input of spatial shape "
+                f"{params['in_spatial']} lies entirely in the padding: its output is -inf and it has no "
+                "switch to freeze; use a smaller padding or dilation"
+            )
         ties = self._ties(call.z.detach(), idx, params)
         return ((out, idx) if p["return_indices"] else out), {"index": idx}, params, ties
 

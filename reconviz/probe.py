@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import InputError, TrainingModeWarning, UnsupportedOperationError
 from .gates import Call, Gate, Prior, gate_for, op_name
 
-__all__ = ["Probe", "probe", "working_copy", "select_output", "check_probe_input"]
+__all__ = ["Probe", "probe", "check_model", "eval_copy", "working_copy", "select_output", "check_probe_input"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
@@ -35,11 +35,8 @@ OutputSelector = int | str | Callable[[Any], Tensor] | None
 # --------------------------------------------------------------------------
 
 
-def working_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A deep copy in eval mode, in ``dtype`` on ``device``, with frozen parameters.
-
-    Warns with :class:`TrainingModeWarning` when the user's model is in training mode.
-    """
+def check_model(model: Any) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` that runs in Python; InputError otherwise."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -47,16 +44,37 @@ def working_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
             "TorchScript modules run outside Python, so their gates cannot be intercepted: "
             "pass the original nn.Module, or export it to ONNX and use reconviz.onnx.reconstruct"
         )
+    return model
+
+
+def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, stacklevel: int = 3) -> nn.Module:
+    """A deep copy of ``model`` in eval mode, in ``dtype`` on ``device``, with frozen parameters.
+
+    The user's model is only read (``copy.deepcopy``). Warns with
+    :class:`TrainingModeWarning` when it is in training mode. Every entry point
+    of reconviz (reconstruction, verification, the saliency methods and the
+    metrics) works on such a copy.
+    """
+    check_model(model)
     if model.training:
         warnings.warn(
-            f"{type(model).__name__} is in training mode; reconviz reconstructs an eval-mode copy "
+            f"{type(model).__name__} is in training mode; reconviz works on an eval-mode copy "
             "(BatchNorm uses running statistics, Dropout is off). Call model.eval() to silence this.",
             TrainingModeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     work = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     for p in work.parameters():
         p.requires_grad_(False)
+    return work
+
+
+def working_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """:func:`eval_copy` plus the module-path tracker the gate modes use in their messages.
+
+    Warns with :class:`TrainingModeWarning` when the user's model is in training mode.
+    """
+    work = eval_copy(model, dtype, device, stacklevel=4)
     _install_tracker(work)
     return work
 
@@ -306,8 +324,8 @@ def select_output(out: Any, output: OutputSelector, n: int) -> Tensor:
         raise InputError(f"output={output!r} could not select the logits from the model output: {e}") from e
     if not isinstance(out, Tensor):
         raise InputError(
-            f"the model returned {type(out).__name__}, not a tensor: pass output= (an index, a key "
-            "or a callable) to select the logits"
+            f"the model returned {type(out).__name__}, not a tensor: pass output= (an index, a key, "
+            "an attribute name or a callable) to select the logits"
         )
     if out.dim() == 0 or out.shape[0] != n:
         raise InputError(

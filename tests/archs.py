@@ -225,10 +225,29 @@ class _Branch(nn.Module):
         return y + (x if self.skip is None else self.skip(x))
 
 
+class PoolUp(nn.Module):
+    """A pooling of one dimension more, over (channels, *spatial): (N, C, *S) is pooled as
+    (N, 1, C, *S), so 1-d nets get MaxPool2d / AdaptiveMaxPool2d across channels and 2-d nets
+    get MaxPool3d / AdaptiveMaxPool3d."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool(x.unsqueeze(1)).squeeze(1)
+
+
 def _stage(spec_stage, dims: int, c: int) -> tuple[nn.Module, int]:
     """One stage from its spec; returns (module, output channels)."""
     kind = spec_stage[0]
     conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    if kind == "pool_up":  # ("pool_up", "max" | "adaptive_max", (k, s, p, ceil, dil))
+        _, pool, (k, s, p, ceil, dil) = spec_stage
+        d = f"{dims + 1}d"
+        if pool == "max":
+            return PoolUp(getattr(nn, "MaxPool" + d)(k, s, p, dilation=dil, ceil_mode=ceil)), -1
+        return PoolUp(getattr(nn, "AdaptiveMaxPool" + d)(k)), -1
     if kind == "conv":
         _, out, k, s, p = spec_stage
         return conv(c, out, k, s, p), out
@@ -260,15 +279,15 @@ class RandomNet(nn.Module):
         self.kept = []
         for st in spec["stages"]:
             try:
-                module, c_out = _stage(st, dims, c)
+                module, _ = _stage(st, dims, c)
                 y = module.eval()(x)
             except (RuntimeError, ValueError):
                 continue
-            if y.numel() == 0 or min(y.shape[2:]) < 1:
-                continue
+            if y.numel() == 0 or min(y.shape[2:]) < 1 or not torch.isfinite(y).all():
+                continue  # e.g. a max-pool window entirely in the padding: -inf
             self.stages.append(module)
             self.kept.append(st)
-            x, c = y, c_out
+            x, c = y, y.shape[1]  # pool_up changes the channel count
         self.head = nn.Linear(x[0].numel(), spec["classes"])
         _init_bn(self, 7)
 

@@ -14,8 +14,9 @@ matplotlib.use("Agg")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/archs.py importable as `archs`
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-# generated-architecture counts reported at the end of the run (see test_property.py)
-GENERATED: dict[str, int] = {}
+# generated-architecture counts reported at the end of the run (see test_property.py):
+# test name -> a line such as "312 generated architectures tried (298 distinct, ...)"
+GENERATED: dict[str, str] = {}
 
 
 def assert_exact(rec, model, x=None, rel=None):
@@ -33,6 +34,23 @@ def assert_exact(rec, model, x=None, rel=None):
     return err
 
 
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def global_state():
+    """Process-wide state reconviz must leave as it found it: global module hooks, the
+    torch-function mode stack (the gate modes), grad mode and the default dtype."""
+    from torch.nn.modules import module as M
+
+    hooks = {n: list(getattr(M, n, {}).keys()) for n in dir(M) if n.startswith("_global_") and n.endswith("hooks")}
+    return (hooks, torch._C._len_torch_function_stack(), torch.is_grad_enabled(), torch.get_default_dtype())
+
+
 def snapshot(model: torch.nn.Module):
     """Everything about a model reconviz promises not to change."""
     buf = io.BytesIO()
@@ -40,14 +58,26 @@ def snapshot(model: torch.nn.Module):
     return (
         buf.getvalue(),
         [(n, m.training) for n, m in model.named_modules()],
-        [(n, p.requires_grad, p.dtype, p.device) for n, p in model.named_parameters()],
-        [
-            (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-             len(getattr(m, "_backward_pre_hooks", {})))
-            for n, m in model.named_modules()
-        ],
-        sorted(vars(model).keys()),
+        [(n, p.requires_grad, p.dtype, p.device, id(p), p.grad is None) for n, p in model.named_parameters()],
+        [(n, b.requires_grad, b.dtype, id(b)) for n, b in model.named_buffers()],
+        [(n, h, list(getattr(m, h, {}).keys())) for n, m in model.named_modules() for h in _HOOK_DICTS],
+        [(n, sorted(vars(m).keys())) for n, m in model.named_modules()],
+        global_state(),
     )
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_settings():
+    """Restore torch's process-wide switches after each test: a script run in-process
+    (examples/train_digits.py's main sets deterministic algorithms and one thread) must not
+    change how the tests after it run (MaxUnpool has no deterministic kernel)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.get_num_threads())
+    yield
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != saved[:2]:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    if torch.get_num_threads() != saved[2]:
+        torch.set_num_threads(saved[2])
 
 
 @pytest.fixture
@@ -67,5 +97,5 @@ def untouched():
 
 
 def pytest_terminal_summary(terminalreporter):
-    for name, n in GENERATED.items():
-        terminalreporter.write_line(f"reconviz: {name}: {n} generated architectures tried")
+    for name, line in GENERATED.items():
+        terminalreporter.write_line(f"reconviz: {name}: {line}")

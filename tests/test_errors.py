@@ -138,32 +138,61 @@ def test_not_a_module_and_torchscript():
 
 
 class Branchy(nn.Module):
-    """Control flow that depends on the input: a replay mismatch waiting to happen."""
+    """Control flow that depends on the input: a replay mismatch waiting to happen.
 
-    def __init__(self):
+    Weights are fixed (identity, zero bias), so sum(h) = sum(x) decides the branch:
+    positive -> one ReLU, otherwise -> two ReLUs (or a LeakyReLU with ``other``)."""
+
+    def __init__(self, other: str = "two relus"):
         super().__init__()
         self.a = nn.Linear(4, 4)
         self.b = nn.Linear(4, 2)
+        self.other = other
+        with torch.no_grad():
+            self.a.weight.copy_(torch.eye(4))
+            self.a.bias.zero_()
 
     def forward(self, x):
         h = self.a(x)
         if float(h.sum()) > 0:
             h = F.relu(h)
-        else:
+        elif self.other == "two relus":
             h = F.relu(F.relu(h) - 0.5)
+        else:
+            h = F.leaky_relu(h, 0.1)
         return self.b(h)
 
 
-def test_replay_mismatch_when_control_flow_depends_on_input():
+POS, NEG = torch.tensor([[1.0, 2.0, -0.5, 0.25]]), torch.tensor([[-1.0, -2.0, 0.5, -0.25]])
+
+
+def test_replay_mismatch_when_control_flow_depends_on_input(untouched):
     model = Branchy().eval()
-    x = torch.randn(1, 4)
-    lin = rv.linearize(model, x)
-    with torch.no_grad():
-        other_side = -x * 100 if float(model.a(x).sum()) > 0 else x * 100
-        if (float(model.a(other_side.float()).sum()) > 0) == (float(model.a(x).sum()) > 0):
-            other_side = x * -100
+    with untouched(model):
+        lin = rv.linearize(model, POS)  # probe: one gated call
+        assert lin.gate_counts() == {"relu": 1}
+        with torch.no_grad():
+            f = model(POS * 2).double()
+        assert torch.allclose(lin(POS * 2), f, atol=1e-6)  # same branch: fine
+        with pytest.raises(rv.ReplayMismatchError, match=r"more gated calls than the probe recorded \(1\).*"
+                           r"control flow depends"):
+            lin(NEG)  # the other branch makes a second gated call
+        lin = rv.linearize(model, NEG)  # probe: two gated calls
+        with pytest.raises(rv.ReplayMismatchError, match=r"made 1 gated calls, but the probe recorded 2"):
+            lin(POS)  # the other branch makes fewer
+    assert torch._C._len_torch_function_stack() == 0  # the replay mode was popped on the error
+
+
+def test_replay_mismatch_when_a_different_gate_is_called():
+    model = Branchy(other="leaky").eval()
+    lin = rv.linearize(model, POS)
+    with pytest.raises(rv.ReplayMismatchError, match=r"gated call #0 differs from the probe: expected 'relu'.*"
+                       r"got 'leaky_relu'.*control flow depends"):
+        lin(NEG)
+    # the basis solve replays the model on the basis columns, which take the other branch here:
+    # an error, never a wrong W
     with pytest.raises(rv.ReplayMismatchError, match="control flow depends"):
-        lin(other_side)
+        rv.reconstruct(model, NEG, method="basis")
 
 
 def test_replay_rejects_wrong_batch_and_shape():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -59,14 +61,45 @@ ELEMENTWISE = {
     "nn.PReLU(shared)": nn.PReLU(init=0.1),
     "nn.Threshold": nn.Threshold(0.1, -0.5),
     "F.threshold(inplace)": Fn(lambda t: F.threshold(t, -0.1, 0.25, inplace=True)),
+    "torch.threshold_": Fn(lambda t: torch.threshold_(t, 0.1, 0.0)),
+    "F.relu6": Fn(lambda t: F.relu6(4 * t)),
+    "nn.ReLU6(inplace)": nn.ReLU6(inplace=True),
+    "F.hardtanh(inplace)": Fn(lambda t: F.hardtanh(t, -0.2, 0.3, inplace=True)),
+    "nn.Hardtanh(inplace)": nn.Hardtanh(-0.1, 0.2, inplace=True),
+    "clamp(tensor bounds)": Fn(lambda t: t.clamp(min=torch.full((1, 3, 1, 1), -0.1, dtype=t.dtype),
+                                                 max=torch.full((1, 3, 1, 1), 0.2, dtype=t.dtype))),
+    "Tensor.clamp_min_": Fn(lambda t: t.clamp_min_(0.0)),
+    "torch.clamp_max": Fn(lambda t: torch.clamp_max(t, 0.1)),
+    "F.leaky_relu(inplace)": Fn(lambda t: F.leaky_relu(t, 0.2, inplace=True)),
+    "F.leaky_relu(default slope)": Fn(F.leaky_relu),
 }
+
+
+class PReLUFn(nn.Module):
+    """PReLU through its functional forms, with the slope a registered parameter."""
+
+    def __init__(self, form: str, n: int):
+        super().__init__()
+        self.form = form
+        self.a = nn.Parameter(torch.linspace(0.05, 0.3, n))
+
+    def forward(self, t):
+        if self.form == "F.prelu":
+            return F.prelu(t, self.a)
+        if self.form == "torch.prelu":
+            return torch.prelu(t, self.a)
+        return t.prelu(self.a[:1])  # Tensor.prelu, one shared slope
+
+
+for _form in ("F.prelu", "torch.prelu", "Tensor.prelu"):
+    ELEMENTWISE[f"PReLU via {_form}"] = PReLUFn(_form, 3)
 
 
 def _check_frozen_gate(model, x, expected_gate):
     lin = rv.linearize(model, x)
     assert expected_gate in lin.gate_counts(), lin.gate_counts()
     with torch.no_grad():
-        f = model.double()(x.double())
+        f = copy.deepcopy(model).double()(x.double())  # a copy: the gate modules are shared by tests
     assert torch.allclose(lin(x), f, rtol=0, atol=1e-12)  # g(x0) = f(x0)
     for method in ("basis", "adjoint"):
         rec = rv.reconstruct(model, x, method=method)
@@ -109,6 +142,27 @@ POOLS = {
     "AdaptiveMaxPool2d(indices)": (nn.AdaptiveMaxPool2d(3, return_indices=True), (2, 7, 7)),
     "AdaptiveMaxPool3d": (nn.AdaptiveMaxPool3d(2), (1, 5, 4, 5)),
     "F.adaptive_max_pool2d": (Fn(lambda t: F.adaptive_max_pool2d(t, 1)), (2, 5, 5)),
+    # every functional / with-indices / return_indices call form, 1d to 3d
+    "F.max_pool1d(3,2,1,ceil)": (Fn(lambda t: F.max_pool1d(t, 3, 2, 1, ceil_mode=True)), (2, 11)),
+    "F.max_pool1d(return_indices)": (Fn(lambda t: F.max_pool1d(t, 3, 2, 1, return_indices=True)), (2, 11)),
+    "F.max_pool1d_with_indices": (Fn(lambda t: F.max_pool1d_with_indices(t, 2)), (2, 11)),
+    "torch.max_pool1d(positional ceil)": (Fn(lambda t: torch.max_pool1d(t, 2, 2, 0, 1, True)), (2, 11)),
+    "MaxPool1d(return_indices,ceil)": (nn.MaxPool1d(3, 2, 1, return_indices=True, ceil_mode=True), (2, 10)),
+    "F.max_pool2d(positional return_indices)": (Fn(lambda t: F.max_pool2d(t, 3, 2, 1, 1, True, True)), (2, 8, 8)),
+    "F.max_pool2d(keywords)": (Fn(lambda t: F.max_pool2d(t, kernel_size=(2, 3), stride=(2, 1), padding=(1, 1),
+                                                        dilation=(1, 2), ceil_mode=True)), (2, 8, 9)),
+    "F.max_pool2d(stride=[])": (Fn(lambda t: F.max_pool2d(t, 2, [])), (2, 6, 6)),
+    "F.max_pool2d_with_indices(ceil)": (Fn(lambda t: F.max_pool2d_with_indices(t, 2, ceil_mode=True)), (2, 7, 7)),
+    "F.max_pool3d(2,2,1,ceil)": (Fn(lambda t: F.max_pool3d(t, 2, 2, 1, ceil_mode=True)), (1, 5, 5, 5)),
+    "F.max_pool3d(return_indices)": (Fn(lambda t: F.max_pool3d(t, 2, return_indices=True)), (1, 4, 4, 4)),
+    "MaxPool3d(return_indices,dil)": (nn.MaxPool3d(2, 1, 0, dilation=2, return_indices=True), (1, 5, 5, 5)),
+    "AdaptiveMaxPool1d(return_indices)": (nn.AdaptiveMaxPool1d(3, return_indices=True), (2, 10)),
+    "AdaptiveMaxPool2d((None,2))": (nn.AdaptiveMaxPool2d((None, 2)), (2, 5, 6)),
+    "AdaptiveMaxPool3d(return_indices)": (nn.AdaptiveMaxPool3d((2, 3, 2), return_indices=True), (1, 5, 7, 4)),
+    "F.adaptive_max_pool1d(return_indices)": (Fn(lambda t: F.adaptive_max_pool1d(t, 4, True)), (2, 10)),
+    "F.adaptive_max_pool2d_with_indices": (Fn(lambda t: F.adaptive_max_pool2d_with_indices(t, (2, 3))), (2, 7, 7)),
+    "F.adaptive_max_pool3d": (Fn(lambda t: F.adaptive_max_pool3d(t, 2)), (1, 5, 5, 5)),
+    "torch.adaptive_max_pool1d": (Fn(lambda t: torch.adaptive_max_pool1d(t, 3)), (2, 10)),
 }
 
 
@@ -210,3 +264,56 @@ def test_register_gate_is_the_only_extension_point():
         _BY_FUNC.pop(my_relu, None)
         from reconviz.gates import _BY_NAME
         _BY_NAME.pop("my_relu", None)
+
+
+def _priors_equal(a, b) -> bool:
+    return all(
+        p.tensors.keys() == q.tensors.keys() and all(torch.equal(p.tensors[k], q.tensors[k]) for k in p.tensors)
+        for p, q in zip(a.priors, b.priors)
+    )
+
+
+def _gate_model(name):
+    if name in POOLS:
+        op, shape = POOLS[name]
+        torch.manual_seed(2)
+        return Wrap(copy.deepcopy(op), shape).eval(), shape
+    torch.manual_seed(1)
+    return Wrap(copy.deepcopy(ELEMENTWISE[name]), (2, 5, 5), pre=nn.Conv2d(2, 3, 3, padding=1)).eval(), (2, 5, 5)
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE) + list(POOLS))
+def test_certified_radius_is_the_distance_to_the_nearest_face(name):
+    """The region geometry of every gate form (window tables with padding / dilation / ceil_mode,
+    adaptive windows, 1d-3d; clamp's two breakpoints, threshold, leaky slopes): at 0.999 r along
+    the way to the nearest face no prior changes, at 1.001 r one does."""
+    from reconviz.radius import boundary_direction
+
+    model, shape = _gate_model(name)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lin = rv.linearize(model, x)
+    radius = rv.certified_radius(lin)
+    assert radius.ties == 0 and 0 < float(radius.linf[0]) <= float(radius.l2[0]) < float("inf")
+    face = radius.nearest[0]
+    direction = boundary_direction(lin, 0, face)
+    r = float(radius.l2[0])
+    inside, across = x + 0.999 * r * direction, x + 1.001 * r * direction
+    assert _priors_equal(lin, rv.linearize(model, inside)), "a prior changed inside the certified radius"
+    assert not _priors_equal(lin, rv.linearize(model, across)), "no prior changed across the nearest face"
+    # L-inf: every corner of the cube of half-width 0.999 r_inf keeps every prior (checked on 8 corners)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(8):
+        corner = x + 0.999 * float(radius.linf[0]) * torch.sign(torch.randn(x.shape, generator=g, dtype=x.dtype))
+        assert _priors_equal(lin, rv.linearize(model, corner))
+
+
+def test_max_pool_window_entirely_in_padding_is_a_clear_error(untouched):
+    """PyTorch returns -inf and an out-of-range index for such a window; there is no switch to
+    freeze, so reconviz says so instead of failing inside its own gather."""
+    model = nn.Sequential(nn.MaxPool2d(2, 1, 1, dilation=2), nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.randn(1, 1, 1, 4)
+    with torch.no_grad():
+        assert not torch.isfinite(model(x)).any()  # -inf through the head: inf or nan
+    with untouched(model):
+        with pytest.raises(rv.InputError, match=r"lies entirely in the padding: its output is -inf"):
+            rv.reconstruct(model, x)

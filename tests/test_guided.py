@@ -214,7 +214,6 @@ def test_every_relu_form_and_residual(form, untouched):
             torch.testing.assert_close(got.double(), _reference(net, x, 1, method), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["resnet", "densenet"])
 class InputInplace(nn.Module):
     """Rectifies its own input in place, then a slice of a hidden layer in place."""
 

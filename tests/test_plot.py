@@ -366,3 +366,53 @@ def test_overview_several_probes_and_target(grey, tmp_path):
         rv.plot.overview(model, x, sub, target=5)
     with pytest.raises(InputError, match="probe batch"):
         rv.plot.overview(model, x[:2], rec)
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2)).eval()
+    x = torch.randn(2, 1, 4, 4)
+    rec = rv.reconstruct(m, x)
+    return m, x, rec, rv.verify(m, rec, radius=False)
+
+
+_FIGURES = {
+    "class_mean_templates": (100, lambda m, x, rec, rep, p: rv.plot.class_mean_templates(
+        rec, [0, 1], path=p, dpi=20, colorbar=False)),
+    "contributions": (12, lambda m, x, rec, rep, p: rv.plot.contributions(rec, path=p, dpi=20)),
+    "equivalence": (12, lambda m, x, rec, rep, p: rv.plot.equivalence(rep, path=p, dpi=20, max_probes=1)),
+    "overview": (12, lambda m, x, rec, rep, p: rv.plot.overview(m, x, rec, path=p, dpi=20,
+                                                               occlusion={"window": 2, "stride": 2})),
+}
+
+
+@pytest.mark.parametrize("name", list(_FIGURES))
+def test_every_figure_function_frees_its_figures(name, tmp_path):
+    """Saved figures are never registered with pyplot and are freed once dropped (every one,
+    checked by weak reference), so repeated calls do not pile up; without ``path`` the figure is
+    pyplot's until the caller closes it, and then it is freed too. (templates: see
+    test_no_figure_or_memory_leak, 110 calls.)"""
+    calls, make = _FIGURES[name]
+    args = _tiny_setup()
+    make(*args, tmp_path / "warm.png")
+    gc.collect()
+    before, start = set(plt.get_fignums()), _rss()
+    refs = []
+    for i in range(calls):
+        fig = make(*args, tmp_path / "f.png")
+        refs.append(weakref.ref(fig))
+        del fig
+    gc.collect()
+    gc.collect()  # a second pass: objects whose finalizers ran in the first one
+    assert set(plt.get_fignums()) == before
+    assert sum(r() is not None for r in refs) == 0, "a saved figure is still referenced"
+    assert _rss() - start < 30 * 2**20, f"memory grew by {(_rss() - start) / 2**20:.1f} MiB over {calls} figures"
+    check_file(tmp_path / "f.png", min_bytes=1000)
+    fig = make(*args, None)
+    assert set(plt.get_fignums()) == before | {fig.number}
+    ref = weakref.ref(fig)
+    plt.close(fig)
+    del fig
+    gc.collect()
+    gc.collect()
+    assert ref() is None and set(plt.get_fignums()) == before

@@ -16,17 +16,16 @@ user's model the same way:
 * the class score comes from :func:`resolve_target`, the one place that turns
   ``target`` into scores.
 
-This module depends on nothing in the reconstruction core (only on
-:mod:`reconviz.errors`).
+The working copy and the logits selector are the core's own
+(:func:`reconviz.probe.eval_copy`, :func:`reconviz.probe.select_output`), so a
+model is copied, checked and read the same way by every entry point.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
-import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -34,21 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-try:
-    from reconviz.errors import InputError
-except ImportError:  # pragma: no cover - reconviz.errors is part of the package
-
-    class InputError(ValueError):  # type: ignore[no-redef]
-        """The input (batch, target, options) is not usable as given."""
-
-
-try:
-    from reconviz.errors import TrainingModeWarning
-except ImportError:  # pragma: no cover
-
-    class TrainingModeWarning(UserWarning):  # type: ignore[no-redef]
-        """The model was in training mode; an eval-mode copy was used."""
-
+from ..errors import InputError, TrainingModeWarning
+from ..probe import check_model, eval_copy
+from ..probe import select_output as select_logits
 
 __all__ = [
     "InputError",
@@ -102,14 +89,6 @@ def check_dtype(dtype: torch.dtype | None, x: Tensor) -> torch.dtype:
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         raise InputError(f"dtype must be a floating-point torch.dtype (or None for x's dtype), got {dt!r}")
     return dt
-
-
-def check_model(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise InputError("TorchScript modules are not supported: pass the original nn.Module")
-    return model
 
 
 # --------------------------------------------------------------------------
@@ -187,31 +166,6 @@ def resolve_target(output: Tensor, target: Target) -> Tensor:
     return output.gather(1, idx[:, None]).reshape(n)
 
 
-def select_logits(out: Any, output: OutputSelector, n: int) -> Tensor:
-    """The logits (n, K) from a model's return value.
-
-    ``output`` selects them when the model returns a tuple / dict / object: an
-    index, a key or attribute name, or a callable. The result is flattened to (n, K).
-    """
-    try:
-        if callable(output):
-            out = output(out)
-        elif isinstance(output, str) and not isinstance(out, Mapping):
-            out = getattr(out, output)
-        elif output is not None:
-            out = out[output]
-    except (KeyError, IndexError, AttributeError, TypeError) as e:
-        raise InputError(f"output={output!r} could not select the logits from the model output: {e}") from e
-    if not isinstance(out, Tensor):
-        raise InputError(
-            f"the model returned {type(out).__name__}, not a tensor: pass output= (an index, a key, an "
-            "attribute name or a callable) to select the logits"
-        )
-    if out.dim() == 0 or out.shape[0] != n:
-        raise InputError(f"the model output has shape {tuple(out.shape)}; expected a leading batch dimension of {n}")
-    return out.reshape(n, -1)
-
-
 # --------------------------------------------------------------------------
 # The working copy and hooks
 # --------------------------------------------------------------------------
@@ -227,19 +181,8 @@ def working_model(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
     :class:`TrainingModeWarning` (the copy uses running BatchNorm statistics and
     no dropout).
     """
-    check_model(model)
-    if model.training:
-        warnings.warn(
-            f"{type(model).__name__} is in training mode; reconviz uses an eval-mode copy "
-            "(BatchNorm uses running statistics, Dropout is off). Call model.eval() to silence this.",
-            TrainingModeWarning,
-            stacklevel=4,
-        )
-    work = copy.deepcopy(model)
+    work = eval_copy(model, dtype, device, stacklevel=5)
     try:
-        work.eval().to(device=device, dtype=dtype)
-        for p in work.parameters():
-            p.requires_grad_(False)
         yield work
     finally:
         del work
@@ -371,7 +314,7 @@ def score_batches(
     with BatchInvariant():
         for start in range(0, count, batch_size):
             stop = min(count, start + batch_size)
-            batch = make(start, stop)
+            batch = make(start, stop).clone()  # the model may write into its input: never into x
             logits = select_logits(work(batch), output, stop - start)
             if transform is not None:
                 logits = transform(logits)

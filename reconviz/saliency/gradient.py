@@ -13,6 +13,9 @@ model f(x) = W x + b, so ``sum(w * x0) + b_c == S_c(x0)`` (see
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -28,7 +31,7 @@ from ._common import (
     working_model,
 )
 
-__all__ = ["gradient", "gradient_x_input", "saliency_map"]
+__all__ = ["gradient", "gradient_x_input", "saliency_map", "input_gradient"]
 
 
 def gradient(
@@ -54,14 +57,35 @@ def gradient(
         A tensor shaped and typed like ``x``. Inputs are independent (eval
         mode), so row i is the gradient of input i's own score.
     """
+    return input_gradient(model, x, target, output=output, dtype=dtype)
+
+
+def input_gradient(
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    *,
+    output: OutputSelector = None,
+    dtype: torch.dtype | None = torch.float64,
+    mode: Callable[[nn.Module], ContextManager[Any]] | None = None,
+) -> Tensor:
+    """d S_target / d x on a private copy of ``model``: the backward pass every input-space map shares.
+
+    ``mode(work)``, when given, is a context (e.g. a TorchFunctionMode that swaps
+    the rectifiers' backward rule, :mod:`reconviz.saliency.guided`) around the
+    forward pass of the copy ``work``. The forward runs on a non-leaf clone of
+    the input, so a model that writes into its input (``x.relu_()``) works and
+    the caller's ``x`` is never written to. Arguments as in :func:`gradient`.
+    """
     x = check_input(x)
     dt = check_dtype(dtype, x)
     n = x.shape[0]
     with working_model(model, dt, x.device) as work:
         xw = x.detach().to(dt).clone().requires_grad_(True)
         with torch.enable_grad():
-            out = select_logits(work(xw), output, n)
-            score = resolve_target(out, target)
+            with mode(work) if mode is not None else nullcontext():
+                raw = work(xw.clone())  # a non-leaf: in-place ops on the input stay legal
+            score = resolve_target(select_logits(raw, output, n), target)
             (g,) = torch.autograd.grad(score.sum(), xw, allow_unused=True)
     if g is None:  # the score does not depend on x
         g = torch.zeros_like(xw)

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..gates import Call, Gate
-from ..probe import GateMode, OutputSelector, select_output, working_copy
-from ._common import check_dtype, check_input, resolve_target
+from ..probe import GateMode, OutputSelector
+from .gradient import input_gradient
 
 __all__ = ["guided_backprop", "deconvnet", "RectifierMode"]
 
@@ -157,23 +157,8 @@ def _backward_map(
     output: OutputSelector = None,
     dtype: torch.dtype | None = torch.float64,
 ) -> Tensor:
-    x = check_input(x)
-    dt = check_dtype(dtype, x)
-    work = working_copy(model, dt, x.device)
-    xw = x.detach().to(dt).clone().requires_grad_(True)
-    mode = RectifierMode(work, method)
-    with torch.enable_grad():
-        try:
-            with mode:
-                raw = work(xw.clone())  # a non-leaf: in-place ops on the input stay legal
-        finally:
-            work._reconviz_stack.clear()  # type: ignore[attr-defined]
-        out = select_output(raw, output, xw.shape[0])
-        score = resolve_target(out, target)
-        (g,) = torch.autograd.grad(score.sum(), xw, allow_unused=True)
-    if g is None:
-        g = torch.zeros_like(xw)
-    return g.detach().to(x.dtype)
+    """The gradient's backward pass with the rectifiers' rule swapped for ``method``'s."""
+    return input_gradient(model, x, target, output=output, dtype=dtype, mode=lambda work: RectifierMode(work, method))
 
 
 def deconvnet(
