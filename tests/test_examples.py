@@ -82,5 +82,6 @@ def test_train_digits_is_deterministic(tmp_path, capsys):
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
     for path in paths:
         assert _load("train_digits").main(["--out", str(path), "--epochs", "2"]) == 0
+    assert not torch.are_deterministic_algorithms_enabled()  # main() restores the process-wide settings
     a, b = (torch.load(p, weights_only=True) for p in paths)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
