@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import InputError, ReplayMismatchError
-from .gates import Call, Gate, Prior, op_name
+from .gates import Call, Gate, Prior, gate_named, op_name
 from .probe import GateMode, OutputSelector, Probe, probe, select_output
 
 __all__ = ["LinearizedModel", "linearize", "ReplayMode"]
@@ -93,6 +93,13 @@ class LinearizedModel(nn.Module):
     @property
     def ties(self) -> int:
         return sum(p.ties for p in self.priors)
+
+    @property
+    def exactness(self) -> str:
+        """``region-exact`` when every frozen gate is piecewise linear (g = f on the probe's
+        linear region); ``point-exact`` when any smooth gate was frozen at the probe
+        (g = f at x0 only, and W is not the Jacobian)."""
+        return "region-exact" if all(gate_named(p.gate).region_exact for p in self.priors) else "point-exact"
 
     @property
     def n_outputs(self) -> int:

@@ -86,8 +86,13 @@ def certified_radius(
     chunk_size: int | None = None,
     progress: bool | None = None,
 ) -> Radius:
-    """L2 and L-inf radius of the linear region around each probe (costs D forward passes)."""
+    """L2 and L-inf radius of the linear region around each probe (costs D forward passes).
+
+    A point-exact linearization (a smooth gate frozen at the probe) has no region: radius 0."""
     lin = as_linearized(model, x, dtype=dtype)
+    if lin.exactness == "point-exact":
+        zero = torch.zeros(lin.n_probes, dtype=lin.dtype)
+        return Radius(zero, zero.clone(), ties=0, equalities=0, nearest=[None] * lin.n_probes)
     acc = _Accumulator(lin.n_probes)
     with torch.no_grad():
         lin(lin.probes, observer=acc)

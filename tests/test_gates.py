@@ -317,3 +317,45 @@ def test_max_pool_window_entirely_in_padding_is_a_clear_error(untouched):
     with untouched(model):
         with pytest.raises(rv.InputError, match=r"lies entirely in the padding: its output is -inf"):
             rv.reconstruct(model, x)
+
+
+def test_a_smooth_gate_is_labelled_point_exact_everywhere(tmp_path):
+    """SiLU frozen at the probe, phi(z) = z * sigmoid(z0): exact at x0 only. The label comes
+    from the gate (region_exact = False); verify skips the Jacobian check, the radius is 0."""
+    from reconviz.gates import _BY_FUNC, _BY_NAME, Call, ElementwiseGate
+
+    class FrozenSiLU(ElementwiseGate):
+        name = "silu_point"
+        functions = (F.silu,)
+        region_exact = False
+
+        def parse(self, func, args, kwargs):
+            return Call(func, args[0], {})
+
+        def slope_offset(self, z, p):
+            return torch.sigmoid(z), None
+
+        def breakpoints(self, p):
+            return []
+
+    gate = rv.register_gate(FrozenSiLU())
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        x = torch.randn(2, 6, dtype=torch.float64)
+        rec = rv.reconstruct(model, x)
+        assert rec.exactness == "point-exact" and rec.meta["exactness"] == "point-exact"
+        report = rv.verify(model, rec)
+        assert report.ok and report.max_rel_error <= 1e-9  # exact at the probe
+        assert report.jacobian_max_error is None  # W is not the Jacobian of a smooth net
+        assert torch.equal(report.radius.l2, torch.zeros(2, dtype=torch.float64))
+        assert "point-exact, float64: PASS" in str(report)
+        with torch.no_grad():  # and not exact nearby: there is no region
+            near = x + 1e-3
+            assert float((rec(near) - copy.deepcopy(model).double()(near)).abs().max()) > 1e-9
+        assert rv.Reconstruction.load(rec.save(tmp_path / "r.npz")).exactness == "point-exact"
+    finally:
+        rv.GATES.remove(gate)
+        for f in gate.functions:
+            _BY_FUNC.pop(f, None)
+        _BY_NAME.pop(gate.name, None)
