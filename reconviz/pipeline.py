@@ -99,7 +99,7 @@ def reconstruct(
         chosen = choose_method(lin, len(cls), seconds_per_pass=pass_seconds, work=plan.work_bytes, why=decision)
     else:
         chosen = method
-    sink = WeightSink((lin.n_probes, len(cls), sample_size(lin)), lin.dtype, lin.probes.device, plan)
+    sink = WeightSink((lin.n_probes, len(cls), *lin.sample_shape), lin.dtype, lin.probes.device, plan)
     info: dict[str, Any] = {}
     common = dict(plan=plan, sink=sink, info=info, b=b, pass_seconds=pass_seconds)
     if chosen == "basis":
@@ -139,7 +139,7 @@ def _meta(model: nn.Module, lin: LinearizedModel, method: str, basis: Any, seed:
         "basis": basis.name if isinstance(basis, Basis) else basis,
         "seed": seed if basis == "random" else None,
         "tolerance": tolerance_for(lin.dtype),
-        "exactness": "region-exact",
+        "exactness": lin.exactness,
         "gates": lin.gate_counts(),
         "ties": lin.ties,
         "output": output if isinstance(output, (int, str)) else None,

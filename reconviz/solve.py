@@ -59,6 +59,8 @@ MIN_WORK_MEMORY = 64 * 2**20  # a budget leaves at least this much for the chunk
 BACKWARD_COST = 1.3  # an input-gradient backward costs about this many forwards (prior for auto)
 PASS_SAMPLES = 16.0  # fixed cost of a pass, in samples, for a model whose pass is all overhead
 OVERHEAD_BOUND = 0.005  # a pass faster than this (seconds) is dominated by fixed costs: batch fully
+TRIAL_CHUNKS = 3  # chunks timed per calibration size (the fastest counts) ...
+TRIAL_SECONDS = 0.2  # ... or fewer, once they took this long
 
 
 def sample_size(lin: LinearizedModel) -> int:
@@ -180,14 +182,16 @@ class WeightSink:
     """W (N, K, D) being assembled: a tensor on the solve's device, or a memory-mapped
     ``.npy`` (``plan.stream``) whose written pages are handed back every block."""
 
-    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  plan: MemoryPlan | None = None):
+        """``shape``: (N, K, D) or (N, K, *sample_shape) (a streamed ``.npy`` keeps that shape)."""
         self.mapped: MappedWeight | None = None
+        flat = (shape[0], shape[1], math.prod(shape[2:]))
         if plan is not None and plan.stream:
-            self.mapped = MappedWeight.create(shape, dtype, path=plan.path)
-            self.w = self.mapped.tensor
+            self.mapped = MappedWeight.create(tuple(shape), dtype, path=plan.path)
+            self.w = self.mapped.tensor.view(flat)
         else:
-            self.w = torch.empty(shape, dtype=dtype, device=device)
+            self.w = torch.empty(flat, dtype=dtype, device=device)
         self._touched = 0
 
     def _moved(self, value: Tensor) -> Tensor:
@@ -233,16 +237,25 @@ def _sync(device: torch.device) -> None:
 
 class Chunker:
     """Hands out chunk sizes. Fixed, or calibrating: 1, 2, 4, ... up to ``cap`` while the
-    time per unit improves by more than ``gain``; then the best size seen."""
+    time per unit improves by more than ``gain``; then the best size seen.
 
-    def __init__(self, fixed: int | None, cap: int, start: int = 1, gain: float = 0.05):
+    Each size is judged on the fastest of its first :data:`TRIAL_CHUNKS` chunks (or of
+    as many as take :data:`TRIAL_SECONDS`): noise from other processes only ever adds
+    time, so the minimum is the robust estimate, and a single slow chunk cannot send
+    the calibration to a size that is really worse.
+    """
+
+    def __init__(self, fixed: int | None, cap: int, start: int = 1, gain: float = 0.05, total: int | None = None):
         self.cap = max(1, int(cap))
+        if fixed is not None and total is not None:  # a chunk larger than the work is the whole work
+            fixed = max(1, min(fixed, total))
         self.fixed = fixed
         self.size = fixed if fixed is not None else min(max(1, start), self.cap)
         self.settled = fixed is not None
         self.gain = gain
-        self.trials: list[tuple[int, float]] = []  # (size, seconds per unit)
+        self.trials: list[tuple[int, float]] = []  # (size, seconds per unit) of every timed chunk
         self._best: tuple[int, float] | None = None
+        self._trial: list[float] = []  # seconds per unit of the current size's chunks
 
     def next(self, remaining: int) -> int:
         return max(1, min(self.size, remaining))
@@ -250,10 +263,16 @@ class Chunker:
     def record(self, m: int, seconds: float) -> None:
         if self.settled:
             return
-        per = seconds / max(1, m)
-        self.trials.append((m, per))
+        self.trials.append((m, seconds / max(1, m)))
         if m < self.size:  # the work ran out before the planned size: nothing to learn
             return
+        self._trial.append(seconds / m)
+        if self.size < self.cap and len(self._trial) < TRIAL_CHUNKS and sum(self._trial) * m < TRIAL_SECONDS:
+            return
+        self._judge(m, min(self._trial))
+        self._trial = []
+
+    def _judge(self, m: int, per: float) -> None:
         if self._best is None or per < self._best[1] * (1 - self.gain):
             self._best = (m, per)
             if m >= self.cap:
@@ -330,6 +349,21 @@ def timed_bias(lin: LinearizedModel, classes: Tensor) -> tuple[Tensor, float]:
     b = bias(lin, classes)
     _sync(lin.probes.device)
     return b, time.perf_counter() - t0
+
+
+def _adjoint_chunk_rule(chunk: int | None, device: torch.device, pass_seconds: float) -> int | None:
+    """On a CPU, a pass that is not all overhead runs its backward one class at a time.
+
+    A batched backward (``is_grads_batched``: vmap over the backward graph) buys
+    nothing on a CPU once a pass is compute-bound: the work per class is the same
+    (18.6 ms one at a time, 19.1-23.4 ms per class in batches of 2-32 on the
+    benchmark's 64x64 VGG, docs/performance.md), while every class in flight holds
+    a full set of activation gradients. Calibrating would only add trials and
+    memory. Elsewhere (a GPU, a pass that is all overhead) the size is calibrated.
+    """
+    if chunk is None and device.type == "cpu" and pass_seconds >= OVERHEAD_BOUND:
+        return 1
+    return chunk
 
 
 def _start(chunk: int | None, cap: int, pass_seconds: float) -> int:
@@ -426,7 +460,8 @@ def solve_basis(
         sub = sub_linearized(lin, probes)
         bg = b[probes]
         cap = max(1, min(basis.size, plan.work_bytes // (sub.n_probes * per_probe)))
-        chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0))
+        chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0),
+                          total=basis.size)
         block_g: Tensor | None = None
         for k, start, stop, bk, out in _sweep(sub, basis, classes, chunker, progress, observer):
             centred = out - bg.unsqueeze(-1)
@@ -477,7 +512,8 @@ def solve_adjoint(
     m one-hot classes in one batched backward (``batching="grads"``:
     ``torch.autograd.grad(..., is_grads_batched=True)``; ``"replicate"``: a forward
     of m copies of the probes, each copy seeded with one class). ``chunk=None``
-    calibrates the size within the memory cap of ``plan``. Where a batched
+    calibrates the size within the memory cap of ``plan`` (on a CPU, a pass that is
+    not all overhead keeps one class per backward: :func:`_adjoint_chunk_rule`). Where a batched
     backward is not supported by an op, it falls back to one class at a time.
     """
     if batching not in ("grads", "replicate"):
@@ -488,6 +524,7 @@ def solve_adjoint(
     sink = sink or WeightSink((n, k, sample_size(lin)), lin.dtype, device, plan)
     if b is None:
         b, pass_seconds = timed_bias(lin, classes)
+    chunk = _adjoint_chunk_rule(chunk, device, pass_seconds or 1.0)
     per_probe = per_probe_bytes(lin)
     # the kept graph of a group plus one gradient per class in flight
     groups = probe_groups(lin, 2 * per_probe, plan.work_bytes)
@@ -499,7 +536,8 @@ def solve_adjoint(
             m_probes = sub.n_probes
             graph = m_probes * per_probe
             cap = max(1, min(k, (plan.work_bytes - graph) // graph))
-            chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0))
+            chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0),
+                              total=k)
             x = out = None
             if batching == "grads" or chunker.size == 1:
                 x = sub.probes.detach().clone().requires_grad_(True)
@@ -570,6 +608,10 @@ def choose_method(lin: LinearizedModel, n_classes: int, *, seconds_per_pass: flo
     of passes: a pass that takes under :data:`OVERHEAD_BOUND` is mostly fixed
     cost, so each method is charged its pass count (basis: D over its chunk cap;
     adjoint: 2 plus K over its chunk cap) on top of its samples.
+
+    Timing both methods on a first chunk was tried and dropped: where the rule
+    is not clear-cut the passes are cheap, and two timed trials cost as much as
+    the whole solve (the 8x8 digits net: 5.4-6 ms a solve, 13.5 ms with trials).
     """
     d = sample_size(lin)
     basis = float(d)
