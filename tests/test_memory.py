@@ -272,3 +272,25 @@ def test_bench_table_and_doc_block(tmp_path):
     bench.write_doc(doc, bench.DOC_START + "\nnew\n" + bench.DOC_END + "\n")
     text = doc.read_text()
     assert "intro" in text and "after" in text and "new" in text and "old" not in text
+
+
+def test_bench_runs_end_to_end_on_the_digits_case(tmp_path):
+    """The benchmark script itself, smallest case, one repeat: every method agrees on W,
+    the table names every method, the doc block is written where asked (not into docs/)."""
+    import json
+    import subprocess
+    import sys
+
+    doc, rows = tmp_path / "perf.md", tmp_path / "rows.json"
+    doc.write_text("# perf\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconviz.bench", "--cases", "digits", "--repeats", "1",
+         "--doc", str(doc), "--json", str(rows)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = doc.read_text()
+    assert "old" not in text and "Matmul reference" in text
+    methods = {r["method"] for r in json.loads(rows.read_text())["rows"] if r.get("case") == "digits"}
+    assert {"basis-identity", "basis-hadamard", "basis-random", "adjoint", "auto", "loop", "jacrev"} <= methods
+    for method in methods:
+        assert f"| digits | {method} |" in text
