@@ -48,8 +48,8 @@ from .probe import Probe
 from .reconstruction import BLOCK_BYTES, MappedWeight
 
 __all__ = [
-    "solve_basis", "solve_adjoint", "choose_method", "basis_chunk", "adjoint_chunk", "plan_memory",
-    "MemoryPlan", "WeightSink", "METHODS", "DEFAULT_WORK_MEMORY",
+    "solve_basis", "solve_adjoint", "choose_method", "basis_chunk", "adjoint_chunk", "basis_cap", "adjoint_cap",
+    "plan_memory", "MemoryPlan", "WeightSink", "METHODS", "DEFAULT_WORK_MEMORY",
 ]
 
 METHODS = ("auto", "basis", "adjoint")
@@ -153,24 +153,33 @@ def plan_memory(
     return MemoryPlan(wbytes, int(work), stream, max_memory, None if out is None else os.fspath(out))
 
 
-def basis_chunk(lin: LinearizedModel, max_memory: int | None = None) -> int:
-    """Most basis columns per forward pass so that one pass stays within ``max_memory``
-    bytes of working memory (default :data:`DEFAULT_WORK_MEMORY`).
+def basis_cap(n_probes: int, per_probe: int, budget: int, columns: int) -> int:
+    """Most basis columns per forward pass: m columns of n probes run m * n samples of
+    ``per_probe`` working bytes each, within ``budget`` bytes."""
+    return int(max(1, min(columns, budget // (n_probes * per_probe))))
 
-    The probe pass measured the bytes of all intermediate tensors for N probes;
-    a chunk of m columns runs m * N samples.
-    """
-    budget = default_work_memory(lin.probes.device) if max_memory is None else max_memory
-    per_column = lin.n_probes * per_probe_bytes(lin)
-    return int(max(1, min(sample_size(lin), budget // per_column)))
+
+def adjoint_cap(n_probes: int, per_probe: int, budget: int, n_classes: int) -> int:
+    """Most classes per batched backward: the kept graph (n samples' activations) plus
+    one gradient of that size per class in flight, within ``budget`` bytes."""
+    graph = n_probes * per_probe
+    return int(max(1, min(n_classes, (budget - graph) // graph)))
+
+
+def _budget(lin: LinearizedModel, max_memory: int | None) -> int:
+    return default_work_memory(lin.probes.device) if max_memory is None else max_memory
+
+
+def basis_chunk(lin: LinearizedModel, max_memory: int | None = None) -> int:
+    """:func:`basis_cap` for all N probes of ``lin`` within ``max_memory`` bytes of
+    working memory (default :data:`DEFAULT_WORK_MEMORY`); the probe pass measured the
+    bytes of all intermediate tensors."""
+    return basis_cap(lin.n_probes, per_probe_bytes(lin), _budget(lin, max_memory), sample_size(lin))
 
 
 def adjoint_chunk(lin: LinearizedModel, n_classes: int, max_memory: int | None = None) -> int:
-    """Most classes per batched backward: the kept graph (N samples' activations)
-    plus ``chunk`` gradients of that size must fit in ``max_memory`` working bytes."""
-    budget = default_work_memory(lin.probes.device) if max_memory is None else max_memory
-    graph = lin.n_probes * per_probe_bytes(lin)
-    return int(max(1, min(n_classes, (budget - graph) // graph)))
+    """:func:`adjoint_cap` for all N probes of ``lin`` within ``max_memory`` working bytes."""
+    return adjoint_cap(lin.n_probes, per_probe_bytes(lin), _budget(lin, max_memory), n_classes)
 
 
 # --------------------------------------------------------------------------
@@ -459,7 +468,7 @@ def solve_basis(
     for probes in groups:
         sub = sub_linearized(lin, probes)
         bg = b[probes]
-        cap = max(1, min(basis.size, plan.work_bytes // (sub.n_probes * per_probe)))
+        cap = basis_cap(sub.n_probes, per_probe, plan.work_bytes, basis.size)
         chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0),
                           total=basis.size)
         block_g: Tensor | None = None
@@ -490,6 +499,12 @@ def _one_hot_seeds(m: int, out: Tensor, c0: int) -> Tensor:
     seed = torch.zeros(m, *out.shape, dtype=out.dtype, device=out.device)
     seed[torch.arange(m, device=out.device), :, torch.arange(c0, c0 + m, device=out.device)] = 1
     return seed
+
+
+def _kept_graph(sub: LinearizedModel, classes: Tensor) -> tuple[Tensor, Tensor]:
+    """x0 as a leaf that requires grad, and g(x0)[:, classes] with its graph kept."""
+    x = sub.probes.detach().clone().requires_grad_(True)
+    return x, sub(x)[:, classes]
 
 
 def solve_adjoint(
@@ -534,14 +549,12 @@ def solve_adjoint(
         for probes in groups:
             sub = sub_linearized(lin, probes)
             m_probes = sub.n_probes
-            graph = m_probes * per_probe
-            cap = max(1, min(k, (plan.work_bytes - graph) // graph))
+            cap = adjoint_cap(m_probes, per_probe, plan.work_bytes, k)
             chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0),
                               total=k)
             x = out = None
             if batching == "grads" or chunker.size == 1:
-                x = sub.probes.detach().clone().requires_grad_(True)
-                out = sub(x)[:, classes]
+                x, out = _kept_graph(sub, classes)
             c0 = 0
             while c0 < k:
                 m = chunker.next(k - c0)
@@ -553,8 +566,7 @@ def solve_adjoint(
                 if m == 1 or fell_back:
                     m = 1
                     if out is None:
-                        x = sub.probes.detach().clone().requires_grad_(True)
-                        out = sub(x)[:, classes]
+                        x, out = _kept_graph(sub, classes)
                     (g,) = torch.autograd.grad(out[:, c0].sum(), x, retain_graph=not last)
                     g = g.reshape(m_probes, 1, -1)
                 elif batching == "grads":
@@ -571,9 +583,7 @@ def solve_adjoint(
                     xr = sub.probes.detach().unsqueeze(0).expand(m, *sub.probes.shape)
                     xr = xr.reshape(m * m_probes, *shape).clone().requires_grad_(True)
                     outr = sub(xr)[:, classes].reshape(m, m_probes, -1)
-                    seed = torch.zeros_like(outr)
-                    seed[torch.arange(m, device=device), :, torch.arange(c0, c0 + m, device=device)] = 1
-                    (g,) = torch.autograd.grad(outr, xr, grad_outputs=seed)
+                    (g,) = torch.autograd.grad(outr, xr, grad_outputs=_one_hot_seeds(m, outr[0], c0))
                     g = g.reshape(m, m_probes, -1).transpose(0, 1)
                 if timed:
                     _sync(device)
