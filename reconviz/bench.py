@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .reconstruction import atomic_write
+
 __all__ = ["main", "CASES", "extrapolate", "run_case", "format_table"]
 
 GB = 2**30
@@ -219,15 +221,13 @@ def _rv_partial_basis(model, x, cols: int, kind: str, dtype, max_memory, k: int)
     import torch
 
     import reconviz as rv
-    from .basis import HADAMARD_MAX, _split, make_basis
+    from .basis import make_basis
     from .solve import plan_memory, sample_size, solve_basis, timed_bias
 
     lin = rv.linearize(model, x, dtype=dtype)
     basis = make_basis(kind, sample_size(lin), seed=0)
-    if kind == "identity":
-        blocks = [(0, cols)]
-    elif kind == "hadamard":  # Hadamard blocks of the partial width: the same forward work per column
-        blocks = _split(cols, HADAMARD_MAX, powers_of_two=True)
+    if kind in ("identity", "hadamard"):  # the blocks of a basis of the partial width: the same work per column
+        blocks = make_basis(kind, cols).blocks
     else:
         ends = np.cumsum([size for _, size in basis.blocks])
         blocks = basis.blocks[: int(np.searchsorted(ends, cols)) + 1]
@@ -237,9 +237,8 @@ def _rv_partial_basis(model, x, cols: int, kind: str, dtype, max_memory, k: int)
     plan = plan_memory(lin, k, max_memory)
     b, secs = timed_bias(lin, cls)
     info: dict[str, Any] = {}
-    t0 = _CLOCK["fn"]()
-    solve_basis(lin, cls, part, None, False, plan=plan, info=info, b=b, pass_seconds=secs)
-    solve = _CLOCK["fn"]() - t0
+    solve, _, _ = _clock(lambda: solve_basis(lin, cls, part, None, False, plan=plan, info=info, b=b,
+                                             pass_seconds=secs), lin.probes.device)
     return None, None, {"chunk": info.get("chunk"), "units_done": done, "streamed": plan.stream,
                         "solve_seconds": solve}
 
@@ -357,18 +356,25 @@ def _use_clock(spec: dict) -> None:
         _CLOCK.update(name="cpu", fn=time.process_time)
 
 
-def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
-    """(seconds on the run's clock, fn()); the wall seconds go to _WALL."""
+def _clock(fn: Callable[[], Any], device: Any) -> tuple[float, float, Any]:
+    """(seconds on the run's clock, wall seconds, fn()), the device synchronised around fn."""
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    from .solve import _sync
+
+    device = torch.device(device)
+    _sync(device)
     w0, t0 = time.perf_counter(), _CLOCK["fn"]()
     out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    _WALL.append(time.perf_counter() - w0)
-    return _CLOCK["fn"]() - t0, out
+    _sync(device)
+    return _CLOCK["fn"]() - t0, time.perf_counter() - w0, out
+
+
+def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    """(seconds on the run's clock, fn()); the wall seconds go to _WALL."""
+    seconds, wall, out = _clock(fn, device)
+    _WALL.append(wall)
+    return seconds, out
 
 
 def child(spec: dict) -> dict:
@@ -439,12 +445,9 @@ def _fastest(task: str, model, x, units: int, spec: dict, runs: int = 2) -> tupl
     best: tuple[float, dict] | None = None
     for _ in range(runs):
         t, (_, _, info) = _timed(lambda: _call(task, model, x, units, spec), spec["device"])
-        if "solve_seconds" in info:
-            t = (t, info["solve_seconds"])
         if best is None or t < best[0]:
             best = (t, info)
-    t, info = best
-    return (t[0] if isinstance(t, tuple) else t), info
+    return best
 
 
 def extrapolate(p1: tuple[float, float], p2: tuple[float, float], full: float) -> float:
@@ -804,9 +807,9 @@ def machine(opts: Options) -> dict:
             "device": opts.device, "load_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
-def report(rows: list[dict], matmul: dict, info: dict, opts: Options) -> str:
+def report(table: str, bullets: list[str], matmul: dict, info: dict) -> str:
     """The markdown block that goes between the markers of docs/performance.md."""
-    la, lb = info["load_start"], info.get("load_end", ("?",) * 3)
+    la, lb = info["load_start"], info.get("load_end")
     lines = [
         DOC_START,
         f"Run: `{info.get('command', 'python -m reconviz.bench')}` on {info['date']}, "
@@ -814,17 +817,17 @@ def report(rows: list[dict], matmul: dict, info: dict, opts: Options) -> str:
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM; Python {info['python']}, "
         f"torch {info['torch']}, {info['threads']} thread(s), {info['dtype']}, device {info['device']}. "
-        f"Load average at start {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (1/5/15 min), at end "
-        f"{lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}" if isinstance(lb[0], float) else "",
+        f"Load average at start {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (1/5/15 min)"
+        + (f", at end {lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}" if lb else ""),
         "",
         *_update_note(info),
         f"Matmul reference ({matmul.get('n', '?')}^3, {info['dtype']}): "
         f"{matmul.get('flops_per_s', float('nan')) / 1e9:.1f} GFLOP/s.",
         "",
-        format_table(rows, matmul),
+        table,
         "Targets, as measured in this run:",
         "",
-        *targets(rows),
+        *bullets,
         DOC_END,
     ]
     return "\n".join(lines) + "\n"
@@ -848,8 +851,7 @@ def write_doc(path: Path, block: str) -> None:
         text = head + block + rest.split(DOC_END, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def parse(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
@@ -909,15 +911,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     agreement(rows)
     if opts.cases:
         info.update(load_end=os.getloadavg(), wall_s=time.perf_counter() - t0)
-    block = report(rows, matmul, info, opts)
-    print(format_table(rows, matmul))
-    print("\n".join(targets(rows)))
+    table, bullets = format_table(rows, matmul), targets(rows)
+    print(table)
+    print("\n".join(bullets))
+    block = report(table, bullets, matmul, info)
     doc = _default_doc() if a.doc is None else (None if a.doc == "none" else Path(a.doc))
     if doc is not None:
         write_doc(doc, block)
         print(f"wrote {doc}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": info, "matmul": matmul, "rows": rows}, indent=1, default=str))
+        raw = json.dumps({"machine": info, "matmul": matmul, "rows": rows}, indent=1, default=str)
+        atomic_write(Path(a.json), lambda f: f.write(raw.encode()))
     return rows
 
 
