@@ -607,7 +607,7 @@ def _rate_guess(count: dict) -> dict:
     return {"fwd": fwd, "bwd": fwd * count["backward_flops"] / max(1, count["forward_flops"])}
 
 
-def run_case(case: Case, opts: Options, matmul: dict, log: Callable[[str], None] = print) -> list[dict]:
+def run_case(case: Case, opts: Options, log: Callable[[str], None] = print) -> list[dict]:
     """Every method of ``case`` in its own child: a list of result rows."""
     count = run_child({"case": case.name, "method": "count"}, opts)
     if count.get("status") != "ok":
@@ -906,7 +906,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"  matmul: {matmul.get('flops_per_s', float('nan')) / 1e9:.1f} GFLOP/s", flush=True)
     for name in opts.cases:
         rows += [dict(r, dtype=opts.dtype) for r in
-                 run_case(CASES[name], opts, matmul, log=lambda s: print(s, flush=True))]
+                 run_case(CASES[name], opts, log=lambda s: print(s, flush=True))]
     rows.sort(key=lambda r: list(CASES).index(r["case"]))  # stable: methods keep their order
     agreement(rows)
     if opts.cases:
