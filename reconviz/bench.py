@@ -246,9 +246,13 @@ def _rv_partial_basis(model, x, cols: int, kind: str, dtype, max_memory, k: int)
 def _loop(model, x, k: int, dtype, device):
     """The per-class loop a user writes: one forward with the graph kept, one
     ``torch.autograd.grad`` of the class score per class."""
+    return _loop_on(_float_copy(model, dtype, device), x, k, dtype, device)
+
+
+def _loop_on(m, x, k: int, dtype, device):
+    """:func:`_loop` on a model already in ``dtype`` on ``device``."""
     import torch
 
-    m = _float_copy(model, dtype, device)
     xg = x.to(device=device, dtype=dtype).clone().requires_grad_(True)
     out = m(xg)
     n = xg.shape[0]
@@ -264,7 +268,8 @@ def _loop_per_probe(model, x, k: int, dtype, device):
     """The same loop, one probe at a time (no batching across probes)."""
     import torch
 
-    parts = [_loop(model, x[i:i + 1], k, dtype, device) for i in range(x.shape[0])]
+    m = _float_copy(model, dtype, device)  # one copy, as a user's loop would have
+    parts = [_loop_on(m, x[i:i + 1], k, dtype, device) for i in range(x.shape[0])]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), {}
 
 
@@ -761,7 +766,7 @@ def targets(rows: list[dict]) -> list[str]:
         if auto and _ok(auto) and rv_rows:
             best = min(rv_rows.values(), key=lambda r: r["seconds"])
             chosen = auto["info"].get("chosen")
-            picked = rv_rows.get(chosen) or rv_rows.get(f"basis-identity" if chosen == "basis" else "adjoint")
+            picked = rv_rows.get(chosen) or rv_rows.get("basis-identity" if chosen == "basis" else "adjoint")
             ok = picked is not None and picked["seconds"] <= 1.1 * best["seconds"]
             parts.append(f"auto chose {chosen} ({_fmt_s(picked['seconds']) if picked else '?'}; fastest "
                          f"{best['method']} {_fmt_s(best['seconds'])}): {'PASS' if ok else 'FAIL'}")
@@ -838,7 +843,7 @@ def _update_note(info: dict) -> list[str]:
         return []
     was = info["updated"]["from"]
     la = was["load_start"]
-    return [f"Cases {', '.join(info['updated']['cases'])} were run again as above; every other row comes "
+    return [f"Cases {', '.join(info['updated']['cases'])} were run again (the latest as above); every other row comes "
             f"from the run of {was['date']} ({was['wall_s'] / 60:.1f} min, load average at start "
             f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}) on the same machine and settings.", ""]
 
@@ -896,9 +901,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.update:  # an earlier run's rows; the cases named here are run again and replace theirs
         saved = json.loads(Path(a.update).read_text())
         rows, matmul = [r for r in saved["rows"] if r["case"] not in opts.cases], saved["matmul"]
-        if opts.cases:
-            info["updated"] = {"from": saved["machine"].get("updated", {}).get("from", saved["machine"]),
-                               "cases": list(opts.cases)}
+        if opts.cases:  # the cases of earlier updates stay listed: their rows are not the first run's
+            earlier = saved["machine"].get("updated", {})
+            info["updated"] = {"from": earlier.get("from", saved["machine"]),
+                               "cases": list(dict.fromkeys([*earlier.get("cases", []), *opts.cases]))}
         else:  # nothing to run: render the saved run again (e.g. after a change to the report)
             info = saved["machine"]
     if matmul is None:
