@@ -29,11 +29,11 @@ import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import InputError, UnsupportedOperationError
-from .gates import gate_for
+from .gates import _attr, gate_for
 
 __all__ = ["Prepared", "prepare", "load_model", "UnsupportedGraphError", "AFFINE", "LOGITS", "IR_VERSION"]
 
-IR_VERSION = 9  # onnx.helper writes IR 14 by default; onnxruntime here reads at most 13
+IR_VERSION = 9  # onnx.helper writes IR 14 by default, which onnxruntime 1.31 and older refuse: keep files portable
 OPSET = 17  # opset of the graphs reconviz writes (Gemm, MatMul, Add, Reshape, Gather, Mul)
 LOGITS = ("auto", "output")  # or the name of a tensor in the graph
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -170,13 +170,6 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     fixed_batch: int | None = None  # the model's fixed batch size, before the rewrite
     original: ModelProto | None = None  # pruned copy with the fixed batch (reference runs)
-
-
-def _attr(node: NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def load_model(model: "str | os.PathLike | bytes | ModelProto") -> tuple[ModelProto, str]:

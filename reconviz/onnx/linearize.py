@@ -24,7 +24,7 @@ from ..errors import ExactnessError, InputError
 from ..reconstruction import atomic_write
 from .gates import Frozen, gate_for
 from .graph import IR_VERSION, prepare
-from .probe import FLOAT32_TOLERANCE, OnnxProbe, as_probe_array, probe, uid
+from .probe import FLOAT32_TOLERANCE, OnnxProbe, as_probe_array, max_relative_error, probe, uid
 from .runtime import run, session
 
 __all__ = ["LinearizedGraph", "linearize", "linearized_to_onnx"]
@@ -85,8 +85,9 @@ class LinearizedGraph:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the linearized graph as an .onnx file (atomically); checked by onnx.checker."""
         path = Path(path)
-        onnx.checker.check_model(self.model)
-        atomic_write(path, lambda f: f.write(self.model.SerializeToString()))
+        data = self.model.SerializeToString()
+        onnx.checker.check_model(data)
+        atomic_write(path, lambda f: f.write(data))
         return path
 
 
@@ -106,7 +107,7 @@ def linearize(model: Any, x: Any, logits: str = "auto") -> LinearizedGraph:
     lin = LinearizedGraph(_rewrite(found), prep.input_name, prep.logits_name, x, found.logits,
                           [found.priors[i] for i in prep.gated], prep.source, list(prep.notes),
                           found.activation_bytes)
-    err = float((np.abs(lin(x) - found.logits) / np.maximum(1.0, np.abs(found.logits))).max())
+    err = max_relative_error(lin(x), found.logits)
     if not err <= FLOAT32_TOLERANCE:
         raise ExactnessError(
             f"the linearized graph misses the model at the probe (max relative error {err:.3g} > "

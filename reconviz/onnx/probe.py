@@ -17,13 +17,14 @@ from onnx import ModelProto, TensorProto, helper
 
 from ..errors import InputError
 from ..probe import check_probe_input
+from ..reconstruction import relative_error, tolerance_for
 from .gates import Frozen, GateError, gate_for
 from .graph import Prepared, UnsupportedGraphError
 from .runtime import run, session
 
-__all__ = ["OnnxProbe", "probe", "as_probe_array", "FLOAT32_TOLERANCE"]
+__all__ = ["OnnxProbe", "probe", "as_probe_array", "FLOAT32_TOLERANCE", "max_relative_error"]
 
-FLOAT32_TOLERANCE = 1e-4  # the contract's float32 relative tolerance (tolerance_for(torch.float32))
+FLOAT32_TOLERANCE = tolerance_for(torch.float32)  # the contract's float32 relative tolerance
 
 
 @dataclass
@@ -98,10 +99,15 @@ def _check_batch_rewrite(prep: Prepared, x: np.ndarray, logits: np.ndarray) -> N
         pad = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), axis=0)]) if len(chunk) < b else chunk
         rows.append(run(sess, pad, [prep.logits_name], "the original graph")[0].reshape(b, -1)[:len(chunk)])
     ref = np.concatenate(rows)
-    err = float((np.abs(ref - logits) / np.maximum(1.0, np.abs(ref))).max())
+    err = max_relative_error(logits, ref)
     if not err <= FLOAT32_TOLERANCE:
         raise InputError(
             f"the model's batch dimension is fixed at {b} and making it dynamic changed its outputs "
             f"(max relative error {err:.3g}): a node bakes the batch size in. Export the model with a "
             "dynamic batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))"
         )
+
+
+def max_relative_error(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max(1, |ref|): the contract's relative error, on onnxruntime's arrays."""
+    return float(relative_error(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(ref))).max())

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..reconstruction import Reconstruction, relative_error, tolerance_for
-from ..verify import ORIGINAL, RECONSTRUCTED, Comparison, VerificationReport, register_backend
+from ..reconstruction import Reconstruction, tolerance_for
+from ..verify import ORIGINAL, RECONSTRUCTED, VerificationReport, _compare, register_backend
 from .export import export_torch, reconstruction_graph
 from .runtime import run, session
 
@@ -75,8 +75,7 @@ def _backend(backend: str):
         for a, b in pairs:
             if a in report.columns and b in report.columns:
                 va, vb = torch.from_numpy(report.columns[a]), torch.from_numpy(report.columns[b]).to(torch.float64)
-                report.comparisons.append(Comparison(a, b, float((va - vb).abs().max()),
-                                                     float(relative_error(va, vb).max()), tol))
+                report.comparisons.append(_compare(a, b, va, vb, tol))
         which = "the float32 tolerance" if options.get("tolerance") is None else "the given tolerance"
         report.notes.append(f"onnxruntime columns run in float32 (its CPU convolution has no float64 kernel); "
                             f"their comparisons use {which}, {tol:g} relative")
