@@ -956,8 +956,8 @@ def load_reconstruction(path_text: str) -> Any:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    rec_path = _existing_file(args.rec, "reconstruction")
     rec = load_reconstruction(args.rec)
+    rec_path = Path(args.rec)
     out = _out_dir(args.out) if args.out else rec_path.resolve().parent
     names = parse_class_names(args.class_names) or rec.meta.get("class_names")
     _check_names(names, rec.classes.tolist())

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError, TrainingModeWarning
-from ..probe import check_model, eval_copy
+from ..probe import eval_copy
 from ..probe import select_output as select_logits
 
 __all__ = [

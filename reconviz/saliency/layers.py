@@ -75,11 +75,11 @@ from ._common import (
     Target,
     check_dtype,
     check_input,
-    check_model,
     resolve_target,
     select_logits,
     working_model,
 )
+from ..probe import check_model
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
