@@ -101,12 +101,18 @@ class Gate:
     name: str = ""
     functions: tuple[Callable, ...] = ()
     region_exact: bool = True  # False for smooth gates frozen at a point ("point-exact")
+    # True when ``record`` returns the frozen form's output (equal to the op's own output,
+    # value for value): the probe pass is then g's pass at x0, and its graph can be reused
+    records_frozen: bool = False
 
     def parse(self, func: Callable, args: tuple, kwargs: dict) -> Call:
         raise NotImplementedError
 
     def record(self, call: Call, n: int) -> tuple[Any, dict[str, Tensor], dict[str, Any], int]:
-        """Run the op at the probe: returns (output, prior tensors, params, ties)."""
+        """Run the op at the probe: returns (output, prior tensors, params, ties).
+
+        ``output`` is what the model's forward continues with: the op's own output, or
+        (``records_frozen``) the frozen form applied at the probe, which must equal it."""
         raise NotImplementedError
 
     def apply(self, prior: Prior, call: Call) -> Any:
@@ -149,7 +155,16 @@ class Gate:
 
 
 class ElementwiseGate(Gate):
-    """phi(z) frozen as D * z + C; subclasses define the slope/offset and breakpoints."""
+    """phi(z) frozen as D * z + C; subclasses define the slope/offset and breakpoints.
+
+    At the probe, a piecewise-linear gate continues with D * z + C itself: with D and C
+    read off z, it equals phi(z) exactly (D is 0 or 1 or the slope phi uses, C a
+    constant phi returns), so the probe pass is g's forward pass. A smooth
+    (point-exact) gate continues with phi(z), the model's own value."""
+
+    @property
+    def records_frozen(self) -> bool:  # type: ignore[override]
+        return self.region_exact
 
     def slope_offset(self, z: Tensor, p: dict) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
@@ -164,7 +179,8 @@ class ElementwiseGate(Gate):
         if offset is not None:
             tensors["offset"] = offset.to(z.dtype)
         ties = int(sum((z == b).sum().item() for b in self.breakpoints(call.params)))
-        return call.original(), tensors, {}, ties
+        out = self._frozen(call, tensors, n=None) if self.records_frozen else call.original()
+        return out, tensors, {}, ties
 
     def apply(self, prior, call):
         self.check_shape(prior, call.z)
@@ -358,6 +374,7 @@ class MaxPoolGate(Gate):
     over the last k (spatial) dims, exactly PyTorch's ``return_indices`` output."""
 
     name = "max_pool"
+    records_frozen = True
     _dims = {
         f: k
         for k in (1, 2, 3)
@@ -397,14 +414,9 @@ class MaxPoolGate(Gate):
 
     def record(self, call, n):
         p = call.params
-        pooled, adaptive_pooled = _pool_fns(p["k"])
-        if p["adaptive"]:
-            out, idx = adaptive_pooled(call.z, p["output_size"])
-        else:
-            out, idx = pooled(
-                call.z, p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"]
-            )
-        params = dict(p, in_spatial=tuple(call.z.shape[-p["k"]:]))
+        z = call.z.detach()
+        out, idx = _pool(z, p)
+        params = dict(p, in_spatial=tuple(z.shape[-p["k"]:]))
         size = math.prod(params["in_spatial"])
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
             raise InputError(
@@ -413,17 +425,24 @@ class MaxPoolGate(Gate):
                 f"{params['in_spatial']} lies entirely in the padding: its output is -inf and it has no "
                 "switch to freeze; use a smaller padding or dilation"
             )
-        ties = self._ties(call.z.detach(), idx, params)
-        return ((out, idx) if p["return_indices"] else out), {"index": idx}, params, ties
+        ties = self._ties(z, idx, out, params)
+        # continue with the gather at the switch (the frozen form): the same values as `out`
+        return self._frozen(call.z, idx, params), {"index": idx}, params, ties
 
     def apply(self, prior, call):
         self.check_shape(prior, call.z)
-        z, idx, k = call.z, prior.tensors["index"], prior.params["k"]
+        z, idx = call.z, prior.tensors["index"]
         if prior.batched and z.shape[0] != idx.shape[0]:
             r = z.shape[0] // idx.shape[0]
             idx = idx.unsqueeze(0).expand(r, *idx.shape).flatten(0, 1)
+        return self._frozen(z, idx, prior.params)
+
+    @staticmethod
+    def _frozen(z: Tensor, idx: Tensor, p: dict) -> Any:
+        """max_w z -> z[switch_w]: a gather of the flat spatial index."""
+        k = p["k"]
         out = z.flatten(-k).gather(-1, idx.flatten(-k)).view(idx.shape)
-        return (out, idx) if prior.params["return_indices"] else out
+        return (out, idx) if p["return_indices"] else out
 
     # region geometry ------------------------------------------------------
     def _window_table(self, p: dict, out_spatial: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -470,7 +489,16 @@ class MaxPoolGate(Gate):
         counted = valid & (table != fi.unsqueeze(-1))
         return best - members, counted
 
-    def _ties(self, z, idx, p) -> int:
+    def _ties(self, z: Tensor, idx: Tensor, out: Tensor, p: dict) -> int:
+        """Windows in which another member equals the max (``out``).
+
+        Disjoint windows (the usual pooling): mask every switch with -inf and pool again;
+        a window ties when its second-best equals its max. Overlapping windows: compare
+        every (window, member) pair."""
+        k, out_spatial = p["k"], tuple(idx.shape[-p["k"]:])
+        if _disjoint(p, out_spatial):
+            masked = z.flatten(-k).scatter(-1, idx.flatten(-k), -math.inf).view_as(z)
+            return int((_pool(masked, p)[0] == out).sum())
         h, counted = self._pairs(z, idx, p)
         return int(((h == 0) & counted).any(-1).sum().item())
 
@@ -487,6 +515,24 @@ class MaxPoolGate(Gate):
     def margins(self, prior, z):
         h, counted = self._pairs(z, prior.tensors["index"], prior.params)
         return torch.where(counted, h.abs(), torch.full_like(h, math.inf)).flatten(1)
+
+
+def _pool(z: Tensor, p: dict) -> tuple[Tensor, Tensor]:
+    """(max values, flat arg-max indices) of the pooling ``p`` on ``z``."""
+    pooled, adaptive_pooled = _pool_fns(p["k"])
+    if p["adaptive"]:
+        return adaptive_pooled(z, p["output_size"])
+    return pooled(z, p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"])
+
+
+def _disjoint(p: dict, out_spatial: tuple[int, ...]) -> bool:
+    """No input position lies in two windows (stride >= dilated kernel; adaptive: exact split)."""
+    k = p["k"]
+    if p["adaptive"]:
+        return all(size % o == 0 for size, o in zip(p["in_spatial"], out_spatial))
+    kern, dil = _tup(p["kernel_size"], k), _tup(p["dilation"], k)
+    stride = _tup(p["stride"] or p["kernel_size"], k)
+    return all(s >= d * (w - 1) + 1 for s, d, w in zip(stride, dil, kern))
 
 
 def _tup(v: Any, k: int) -> tuple[int, ...]:

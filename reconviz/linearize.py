@@ -76,6 +76,7 @@ class LinearizedModel(nn.Module):
         self.register_buffer("probes", found.x.detach())
         self.register_buffer("logits", found.logits)
         self.activation_bytes = found.activation_bytes
+        self._graph = found.graph
 
     # facts ----------------------------------------------------------------
     @property
@@ -115,6 +116,13 @@ class LinearizedModel(nn.Module):
             f"gates={self.gate_counts()}, ties={self.ties}"
         )
 
+    def take_graph(self) -> tuple[Tensor, Tensor] | None:
+        """The probe pass's (x0 leaf, g(x0) with its graph), once; None if not kept.
+
+        Handing it over frees it here: a reverse-mode solve then owns (and frees) it."""
+        graph, self._graph = self._graph, None
+        return graph
+
     # running --------------------------------------------------------------
     def forward(self, x: Tensor, observer: Observer | None = None) -> Tensor:
         x = self._check(x)
@@ -150,13 +158,17 @@ def linearize(
     *,
     dtype: torch.dtype = torch.float64,
     output: OutputSelector = None,
+    keep_graph: bool = False,
 ) -> LinearizedModel:
     """Probe ``model`` at ``x`` (N, ...) and return the network with its gates frozen.
+
+    ``keep_graph``: keep the probe pass's autograd graph for one reverse-mode solve
+    (:meth:`LinearizedModel.take_graph`).
 
     >>> lin = linearize(model, x)      # doctest: +SKIP
     >>> torch.allclose(lin(x), model(x).double())   # g(x0) = f(x0)   # doctest: +SKIP
     """
-    return LinearizedModel(probe(model, x, dtype=dtype, output=output))
+    return LinearizedModel(probe(model, x, dtype=dtype, output=output, keep_graph=keep_graph))
 
 
 def as_linearized(model_or_lin: nn.Module, x: Tensor | None, **kw: Any) -> LinearizedModel:

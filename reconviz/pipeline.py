@@ -89,7 +89,7 @@ def reconstruct(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     start = time.perf_counter()
-    lin = as_linearized(model, x, dtype=dtype, output=output)
+    lin = as_linearized(model, x, dtype=dtype, output=output, keep_graph=method != "basis")
     probed = time.perf_counter()
     cls = resolve_classes(classes, lin.n_outputs, lin.probes.device)
     plan = plan_memory(lin, len(cls), max_memory, out)
@@ -103,6 +103,7 @@ def reconstruct(
     info: dict[str, Any] = {}
     common = dict(plan=plan, sink=sink, info=info, b=b, pass_seconds=pass_seconds)
     if chosen == "basis":
+        lin.take_graph()  # the probe pass's graph serves the adjoint solve only: free it
         bas = make_basis(basis, sample_size(lin), seed)
         w, b = solve_basis(lin, cls, bas, chunk_size, progress, **common)
     else:

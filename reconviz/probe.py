@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError, TrainingModeWarning, UnsupportedOperationError
-from .gates import Call, Gate, Prior, gate_for, op_name
+from .gates import Call, Gate, Prior, gate_for, gate_named, op_name
 
 __all__ = ["Probe", "probe", "check_model", "eval_copy", "working_copy", "select_output", "check_probe_input"]
 
@@ -285,6 +285,9 @@ class Probe:
     logits: Tensor  # (N, K_all): the selected, flattened model output at x0
     output: OutputSelector
     activation_bytes: int  # bytes of all intermediate tensors for the N probes
+    # (x0 as a grad leaf, the selected outputs g(x0) with their graph): the probe pass was
+    # g's forward pass (every gate records frozen), kept for a reverse-mode solve
+    graph: tuple[Tensor, Tensor] | None = None
 
     @property
     def ties(self) -> int:
@@ -346,8 +349,13 @@ def probe(
     *,
     dtype: torch.dtype = torch.float64,
     output: OutputSelector = None,
+    keep_graph: bool = False,
 ) -> Probe:
-    """Run ``model`` once on the probe batch ``x`` (N, ...) and record the priors."""
+    """Run ``model`` once on the probe batch ``x`` (N, ...) and record the priors.
+
+    Piecewise-linear gates continue the pass with their frozen form (the same values),
+    so the pass is g's forward at x0; ``keep_graph=True`` keeps its autograd graph in
+    ``Probe.graph`` for a reverse-mode solve (when every gate recorded frozen)."""
     x = check_probe_input(x)
     work = working_copy(model, dtype, x.device)
     xw = x.to(dtype)
@@ -367,5 +375,7 @@ def probe(
             ) from e
         finally:
             work._reconviz_stack.clear()  # type: ignore[attr-defined]
-        logits = select_output(raw, output, xw.shape[0]).detach()
-    return Probe(work, xw, mode.priors, logits, output, mode.activation_bytes)
+        selected = select_output(raw, output, xw.shape[0])
+    frozen = all(gate_named(p.gate).records_frozen for p in mode.priors)
+    graph = (xg, selected) if keep_graph and frozen and selected.requires_grad else None
+    return Probe(work, xw, mode.priors, selected.detach(), output, mode.activation_bytes, graph)

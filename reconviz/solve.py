@@ -502,7 +502,12 @@ def _one_hot_seeds(m: int, out: Tensor, c0: int) -> Tensor:
 
 
 def _kept_graph(sub: LinearizedModel, classes: Tensor) -> tuple[Tensor, Tensor]:
-    """x0 as a leaf that requires grad, and g(x0)[:, classes] with its graph kept."""
+    """x0 as a leaf that requires grad, and g(x0)[:, classes] with its graph kept: the
+    probe pass's graph when it was kept (it was g's pass), else a forward pass of g."""
+    kept = sub.take_graph()
+    if kept is not None:
+        x, out = kept
+        return x, out[:, classes]
     x = sub.probes.detach().clone().requires_grad_(True)
     return x, sub(x)[:, classes]
 
@@ -543,6 +548,8 @@ def solve_adjoint(
     per_probe = per_probe_bytes(lin)
     # the kept graph of a group plus one gradient per class in flight
     groups = probe_groups(lin, 2 * per_probe, plan.work_bytes)
+    if len(groups) > 1:
+        lin.take_graph()  # the groups each build their own graph: free the probe's
     calib: list[dict] = []
     fell_back: str | None = None
     with torch.enable_grad(), _progress(k * len(groups), "adjoint solve", progress, unit="class") as bar:

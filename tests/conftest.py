@@ -96,6 +96,39 @@ def untouched():
     return check
 
 
+@pytest.fixture
+def point_exact_silu():
+    """A custom gate freezing SiLU at the probe, phi(z) = z * sigmoid(z0) (region_exact =
+    False), registered for one test and removed after it."""
+    import torch.nn.functional as F
+
+    import reconviz as rv
+    from reconviz.gates import _BY_FUNC, _BY_NAME, Call, ElementwiseGate
+
+    class FrozenSiLU(ElementwiseGate):
+        name = "silu_point"
+        functions = (F.silu,)
+        region_exact = False
+
+        def parse(self, func, args, kwargs):
+            return Call(func, args[0], {})
+
+        def slope_offset(self, z, p):
+            return torch.sigmoid(z), None
+
+        def breakpoints(self, p):
+            return []
+
+    gate = rv.register_gate(FrozenSiLU())
+    try:
+        yield gate
+    finally:
+        rv.GATES.remove(gate)
+        for f in gate.functions:
+            _BY_FUNC.pop(f, None)
+        _BY_NAME.pop(gate.name, None)
+
+
 def pytest_terminal_summary(terminalreporter):
     for name, line in GENERATED.items():
         terminalreporter.write_line(f"reconviz: {name}: {line}")

@@ -175,6 +175,68 @@ def test_max_pool_gate(name):
     _check_frozen_gate(model, x, "max_pool")
 
 
+# values on every breakpoint the gates above use, so the probe meets ties everywhere
+_BREAKPOINTS = torch.tensor([-1.0, -0.5, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 1.5, 2.0],
+                            dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE) + list(POOLS))
+def test_probe_pass_is_the_frozen_pass_value_for_value(name):
+    """Every built-in gate continues the probe pass with its frozen form, which must equal the
+    op's own output bit for bit (ties included): the probe's logits are f(x0) exactly, and the
+    kept graph is g's, whose gradient is W."""
+    op, shape = (ELEMENTWISE[name], (3, 4, 4)) if name in ELEMENTWISE else POOLS[name]
+    model = Wrap(op, shape).eval()
+    g = torch.Generator().manual_seed(3)
+    values = _BREAKPOINTS if name in ELEMENTWISE else _BREAKPOINTS[:3]  # pools: equal maxima
+    x = values[torch.randint(len(values), (2, *shape), generator=g)]
+    with torch.no_grad():
+        f = copy.deepcopy(model).double()(x.clone())
+    lin = rv.linearize(model, x, keep_graph=True)
+    assert lin.ties > 0
+    assert torch.equal(lin.logits, f)
+    leaf, out = lin.take_graph()
+    assert lin.take_graph() is None  # handed over once
+    (grad,) = torch.autograd.grad(out[:, 1].sum(), leaf)
+    rec = rv.reconstruct(model, x, method="basis")
+    assert torch.allclose(grad.flatten(1), rec.weight[:, 1].flatten(1), rtol=0, atol=1e-12)
+
+
+def test_a_linearized_model_keeps_no_graph_unless_asked():
+    model = Wrap(nn.ReLU(), (3, 4, 4)).eval()
+    assert rv.linearize(model, torch.randn(2, 3, 4, 4)).take_graph() is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_max_pool_tie_count_agrees_with_the_pairwise_count(k):
+    """The tie count's fast paths (disjoint windows: mask the switch, pool again) equal the
+    pairwise comparison of every window member, on random pools over tie-heavy inputs."""
+    from reconviz.gates import GATES, _disjoint, _pool
+
+    gate = next(g for g in GATES if g.name == "max_pool")
+    g = torch.Generator().manual_seed(k)
+    seen = {True: 0, False: 0}
+    for trial in range(80):
+        size = tuple(int(s) for s in torch.randint(3, 9, (k,), generator=g))
+        if trial % 4 == 0:
+            p = dict(adaptive=True, output_size=tuple(int(torch.randint(1, s + 1, (), generator=g)) for s in size))
+        else:
+            kern, stride = (int(v) for v in torch.randint(1, 4, (2,), generator=g))
+            p = dict(adaptive=False, kernel_size=kern, stride=stride, padding=int(trial % 2 and kern > 1),
+                     dilation=1 + (trial % 3 == 0), ceil_mode=trial % 5 == 0)
+            if (kern - 1) * p["dilation"] + 1 > min(size):
+                continue
+        p.update(k=k, return_indices=False, in_spatial=size)
+        z = torch.randint(0, 3, (2, 3, *size), generator=g).double()
+        out, idx = _pool(z, p)
+        if idx.min() < 0 or idx.max() >= z[0, 0].numel():
+            continue  # a window wholly in the padding: refused at the probe
+        h, counted = gate._pairs(z, idx, p)
+        assert gate._ties(z, idx, out, p) == int(((h == 0) & counted).any(-1).sum()), p
+        seen[_disjoint(p, tuple(idx.shape[-k:]))] += 1
+    assert seen[True] >= 10 and seen[False] >= 10, seen
+
+
 def test_max_unpool_uses_replayed_switches():
     """Indices returned by a frozen max-pool are the probe's, batch-broadcast: unpooling works."""
 
@@ -319,43 +381,20 @@ def test_max_pool_window_entirely_in_padding_is_a_clear_error(untouched):
             rv.reconstruct(model, x)
 
 
-def test_a_smooth_gate_is_labelled_point_exact_everywhere(tmp_path):
+def test_a_smooth_gate_is_labelled_point_exact_everywhere(tmp_path, point_exact_silu):
     """SiLU frozen at the probe, phi(z) = z * sigmoid(z0): exact at x0 only. The label comes
     from the gate (region_exact = False); verify skips the Jacobian check, the radius is 0."""
-    from reconviz.gates import _BY_FUNC, _BY_NAME, Call, ElementwiseGate
-
-    class FrozenSiLU(ElementwiseGate):
-        name = "silu_point"
-        functions = (F.silu,)
-        region_exact = False
-
-        def parse(self, func, args, kwargs):
-            return Call(func, args[0], {})
-
-        def slope_offset(self, z, p):
-            return torch.sigmoid(z), None
-
-        def breakpoints(self, p):
-            return []
-
-    gate = rv.register_gate(FrozenSiLU())
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
-        x = torch.randn(2, 6, dtype=torch.float64)
-        rec = rv.reconstruct(model, x)
-        assert rec.exactness == "point-exact" and rec.meta["exactness"] == "point-exact"
-        report = rv.verify(model, rec)
-        assert report.ok and report.max_rel_error <= 1e-9  # exact at the probe
-        assert report.jacobian_max_error is None  # W is not the Jacobian of a smooth net
-        assert torch.equal(report.radius.l2, torch.zeros(2, dtype=torch.float64))
-        assert "point-exact, float64: PASS" in str(report)
-        with torch.no_grad():  # and not exact nearby: there is no region
-            near = x + 1e-3
-            assert float((rec(near) - copy.deepcopy(model).double()(near)).abs().max()) > 1e-9
-        assert rv.Reconstruction.load(rec.save(tmp_path / "r.npz")).exactness == "point-exact"
-    finally:
-        rv.GATES.remove(gate)
-        for f in gate.functions:
-            _BY_FUNC.pop(f, None)
-        _BY_NAME.pop(gate.name, None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    rec = rv.reconstruct(model, x)
+    assert rec.exactness == "point-exact" and rec.meta["exactness"] == "point-exact"
+    report = rv.verify(model, rec)
+    assert report.ok and report.max_rel_error <= 1e-9  # exact at the probe
+    assert report.jacobian_max_error is None  # W is not the Jacobian of a smooth net
+    assert torch.equal(report.radius.l2, torch.zeros(2, dtype=torch.float64))
+    assert "point-exact, float64: PASS" in str(report)
+    with torch.no_grad():  # and not exact nearby: there is no region
+        near = x + 1e-3
+        assert float((rec(near) - copy.deepcopy(model).double()(near)).abs().max()) > 1e-9
+    assert rv.Reconstruction.load(rec.save(tmp_path / "r.npz")).exactness == "point-exact"

@@ -261,3 +261,34 @@ def test_report_json_is_strict_when_the_radius_is_infinite():
     assert report.ok and math.isinf(float(report.radius.l2[0]))
     data = json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert data["radius_l2"] == ["inf", "inf"] and float(data["radius_l2"][0]) == math.inf
+
+
+_FORWARDS: list[str] = []  # a module-level log: the model is deep-copied, a counter on it would be too
+
+
+class _Counted(nn.Module):
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), act, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 5))
+
+    def forward(self, x):
+        _FORWARDS.append("f")
+        return self.body(x)
+
+
+@pytest.mark.parametrize("act, passes", [(nn.ReLU(), 2), (nn.LeakyReLU(0.1, inplace=True), 2), (nn.SiLU(), 3)])
+def test_adjoint_solve_backpropagates_through_the_probe_pass(act, passes, request):
+    """The probe pass runs g's frozen gates (same values as f), so the adjoint solve reuses its
+    graph: two forward passes in all (the probe and b = g(0)), then one backward per class. A
+    smooth gate records f's own value: its graph is not g's, and the solve runs g once more."""
+    if isinstance(act, nn.SiLU):
+        request.getfixturevalue("point_exact_silu")
+    model = _Counted(act).eval()
+    x = torch.randn(3, 1, 8, 8)
+    _FORWARDS.clear()
+    rec = rv.reconstruct(model, x, method="adjoint")
+    assert len(_FORWARDS) == passes
+    basis = rv.reconstruct(model, x, method="basis", chunk_size=64)
+    assert torch.allclose(rec.weight, basis.weight, rtol=0, atol=1e-12)
+    assert rec.meta["max_rel_error"] <= 1e-9
