@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import affine
 from .errors import InputError, TrainingModeWarning, UnsupportedOperationError
 from .gates import Call, Gate, Prior, gate_for, gate_named, op_name
 
@@ -227,7 +228,7 @@ class GateMode(TorchFunctionMode):
         gate = gate_for(func)
         if gate is None:
             self.on_other(func, args, kwargs)
-            return func(*args, **kwargs)
+            return affine.call(func, args, kwargs)
         call = gate.parse(func, args, kwargs)
         call.args, call.kwargs = args, kwargs
         return self.on_gate(gate, call, current_path(self.work))
