@@ -178,7 +178,7 @@ class ElementwiseGate(Gate):
         tensors = {"slope": slope.to(z.dtype)}
         if offset is not None:
             tensors["offset"] = offset.to(z.dtype)
-        ties = int(sum((z == b).sum().item() for b in self.breakpoints(call.params)))
+        ties = sum(_count_equal(z, b) for b in self.breakpoints(call.params))
         out = self._frozen(call, tensors, n=None) if self.records_frozen else call.original()
         return out, tensors, {}, ties
 
@@ -236,7 +236,7 @@ class ReLUGate(ElementwiseGate):
         return Call(func, args[0], {}, inplace)
 
     def slope_offset(self, z, p):
-        return z > 0, None
+        return torch.gt(z, 0, out=torch.empty_like(z)), None  # 1[z > 0] in z's dtype, one pass
 
     def breakpoints(self, p):
         return [0.0]
@@ -350,6 +350,13 @@ class ThresholdGate(ElementwiseGate):
 
     def breakpoints(self, p):
         return [p["t"]]
+
+
+def _count_equal(z: Tensor, b: Any) -> int:
+    """Elements of z equal to the breakpoint b (a number or a broadcastable tensor)."""
+    if isinstance(b, (int, float)) and b == 0:
+        return z.numel() - int(torch.count_nonzero(z))
+    return int((z == b).sum())
 
 
 def _detach(v: Any) -> Any:
