@@ -614,21 +614,19 @@ def _onnx_file(loaded: LoadedModel, x: Any, workdir: Path) -> Path:
         return loaded.onnx_path
     import torch
 
+    from .onnx import export_torch
+
     path = workdir / "model.onnx"
-    example = x[:1].to(torch.float32)
+    example = x[:1].detach().cpu().to(torch.float32).numpy()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                loaded.module, (example,), str(path), dynamo=False, input_names=["input"],
-                output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
+        proto, _ = export_torch(loaded.module, example, ["logits"], strict=True)
     except Exception as e:  # noqa: BLE001
         raise UsageError(
             f"the TorchScript model could not be exported to ONNX ({_one_line(e)[:200]}); TorchScript "
             "runs outside Python, so reconviz cannot intercept it directly: save model.state_dict() "
             "and pass it with --arch package.module:ClassName"
         ) from e
+    path.write_bytes(proto.SerializeToString())
     loaded.onnx_path = path
     return path
 

@@ -27,7 +27,7 @@ from .solve import (
     timed_bias,
 )
 
-__all__ = ["reconstruct"]
+__all__ = ["reconstruct", "check_options", "checked"]
 
 
 def reconstruct(
@@ -84,10 +84,7 @@ def reconstruct(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if not isinstance(basis, Basis) and basis not in BASES:
-        raise InputError(f"unknown basis {basis!r}: choose one of {', '.join(BASES)} or pass a Basis")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_options(basis, chunk_size)
     start = time.perf_counter()
     lin = as_linearized(model, x, dtype=dtype, output=output, keep_graph=method != "basis")
     probed = time.perf_counter()
@@ -124,6 +121,20 @@ def reconstruct(
         meta=meta,
         mapped=sink.mapped,
     )
+    return checked(rec, start, probed, solved)
+
+
+def check_options(basis: str | Basis, chunk_size: int | None) -> None:
+    """InputError for an unknown basis name or a chunk_size that is not a positive int."""
+    if not isinstance(basis, Basis) and basis not in BASES:
+        raise InputError(f"unknown basis {basis!r}: choose one of {', '.join(BASES)} or pass a Basis")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def checked(rec: Reconstruction, start: float, probed: float, solved: float) -> Reconstruction:
+    """``rec.check()`` (ExactnessError above the tolerance), then the stage timings in ``rec.meta``."""
     rec.check()
     end = time.perf_counter()
     rec.meta["seconds"] = end - start

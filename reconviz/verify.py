@@ -208,6 +208,7 @@ def verify(
         comparisons=[_compare(RECONSTRUCTED, ORIGINAL, rebuilt, original, tol)],
         dtype=str(dtype).replace("torch.", ""),
         exactness=rec.exactness,
+        notes=[str(n) for n in rec.meta.get("notes", [])],  # the reconstruction's own (e.g. a Softmax cut off)
         class_names=class_names,
     )
     if jacobian and rec.exactness == "region-exact":

@@ -121,6 +121,8 @@ def test_bad_input_is_an_input_error(x, words, untouched):
         ({"classes": []}, "empty"),
         ({"classes": [1, 1]}, "duplicates"),
         ({"chunk_size": 0}, "positive integer"),
+        ({"chunk_size": True}, "positive integer"),
+        ({"chunk_size": 2.0}, "positive integer"),
     ],
 )
 def test_bad_options_are_input_errors(kwargs, words):

@@ -477,3 +477,122 @@ def test_cli_reconstructs_an_onnx_file_ending_in_softmax(tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["ok"] and any("Softmax" in n for n in report["notes"])
     assert report["comparisons"][0]["max_rel_error"] <= F32
+
+
+# --------------------------------------------------------------------------
+# 3. One exporter, streaming W, max-pool ties, notes
+# --------------------------------------------------------------------------
+
+
+def test_export_torch_names_outputs_and_serves_the_cli(nets, tmp_path, monkeypatch):
+    from reconviz.cli import LoadedModel, UsageError, _onnx_file
+
+    model, x, _, proto = nets["lenet"]
+    assert [o.name for o in proto.graph.output] == ["output0"]  # the default names
+    assert rv.onnx.reconstruct(proto, x).meta["logits_tensor"] == "output0"
+    named, _ = rv.onnx.export_torch(model, x[:1].numpy(), ["logits"])
+    assert [o.name for o in named.graph.output] == ["logits"]
+    # the CLI exports TorchScript through export_torch: input "input", output "logits", dynamic batch
+    script = torch.jit.script(model).eval()
+    path = _onnx_file(LoadedModel("torchscript", "m.pt", module=script), x.double(), tmp_path)
+    saved = onnx.load(path)
+    assert [(v.name, v.type.tensor_type.shape.dim[0].dim_param) for v in (*saved.graph.input, *saved.graph.output)] \
+        == [("input", "batch"), ("logits", "batch")]
+    assert [n.op_type for n in saved.graph.node] == [n.op_type for n in named.graph.node]
+    assert np.array_equal(ort_run(saved, x), ort_run(named, x))
+    assert rv.onnx.reconstruct(str(path), x).meta["logits_tensor"] == "logits"
+    # an export failure: the CLI's message quotes the exporter's own exception
+    assert rv.onnx.export_torch(model, x[:1].numpy(), ["logits"])[1] is None
+
+    def fail(*a, **k):
+        raise RuntimeError("no symbolic\n  for  aten::foo")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    assert rv.onnx.export_torch(model, x[:1].numpy())[1] == "torch.onnx.export failed: RuntimeError: no symbolic for aten::foo"
+    with pytest.raises(UsageError, match=r"^the TorchScript model could not be exported to ONNX \(no symbolic for "
+                                         r"aten::foo\); TorchScript runs outside Python"):
+        _onnx_file(LoadedModel("torchscript", "m.pt", module=script), x, tmp_path / "again")
+
+
+@pytest.mark.parametrize("basis", ["hadamard", "random"])
+def test_block_products_from_uneven_chunks(nets, basis):
+    """Blocks assembled from chunks of 7 columns (the last one short): one product per block."""
+    _, x, ref, proto = nets["lenet"]
+    rec = rv.onnx.reconstruct(proto, x, basis=basis, chunk_size=7, seed=1)
+    assert rec.meta["chunk_size"] == 7
+    assert w_rel(rec.weight, ref.weight) <= W_REL and rel(rec.bias, ref.bias) <= F32
+
+
+def test_w_streams_to_disk_like_the_torch_path(nets, tmp_path):
+    _, x, _, proto = nets["lenet"]
+    for basis in ("random", "identity", "hadamard"):
+        mem = rv.onnx.reconstruct(proto, x, basis=basis, chunk_size=16)
+        small = rv.onnx.reconstruct(proto, x, basis=basis, chunk_size=16, max_memory=100_000)  # W is 62,720 bytes
+        assert not mem.streamed and small.streamed and small.meta["memory"]["streamed"]
+        assert small.meta["memory"]["weight_bytes"] == mem.weight.numel() * 4 == 62_720
+        assert torch.equal(small.weight, mem.weight) and torch.equal(small.bias, mem.bias)
+        assert torch.equal(small(x), mem(x)) and small.meta["max_rel_error"] == mem.meta["max_rel_error"]
+    auto = rv.onnx.reconstruct(proto, x, max_memory=100_000)  # batches sized to the budget's rest
+    assert auto.meta["chunk_size"] < rv.onnx.reconstruct(proto, x).meta["chunk_size"]
+    npy = tmp_path / "W.npy"
+    out = rv.onnx.reconstruct(proto, x, basis="hadamard", chunk_size=16, out=npy)  # as the last `mem`
+    assert out.streamed and out.meta["weight_file"] == str(npy)
+    assert np.array_equal(np.load(npy), mem.weight.numpy())
+    loaded = rv.Reconstruction.load(out.save(tmp_path / "r.npz"))
+    assert torch.equal(loaded.weight, mem.weight)
+    with pytest.raises(InputError, match="max_memory"):
+        rv.onnx.reconstruct(proto, x, max_memory=-1)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+                                  nn.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))])
+def test_max_pool_ties_counted_like_the_torch_path(pool):
+    torch.manual_seed(0)
+    model = nn.Sequential(pool, nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randint(0, 3, (2, 2, 7, 7)).float()  # few distinct values: many windows with two maxima
+    model(x)
+    model.eval()
+    proto, why = rv.onnx.export_torch(model, x[:1].numpy())
+    assert proto is not None, why
+    ties = rv.reconstruct(model, x).meta["ties"]
+    assert ties > 0 and rv.onnx.reconstruct(proto, x).meta["ties"] == ties
+    assert rv.onnx.reconstruct(proto, torch.randn(2, 2, 7, 7)).meta["ties"] == 0
+
+
+@pytest.mark.parametrize("kernel, pool, ties", [(4, {"auto_pad": "SAME_UPPER"}, 1), (4, {"auto_pad": "SAME_LOWER"}, 2),
+                                                 (4, {"auto_pad": "VALID"}, 0),
+                                                 (3, {"pads": [0, 1], "strides": [2]}, 1)])
+def test_max_pool_ties_with_auto_pad(kernel, pool, ties):
+    """x = [1, 1, 0, 2]. Kernel 4, SAME (3 padded, the odd one at the end or the start):
+    windows x[0:3], x[0:4], x[1:4], x[2:4] (one tie) or x[0:2], x[0:3], x[0:4], x[1:4]
+    (two); VALID: x[0:4] (none). Kernel 3, stride 2, pads (0, 1): x[0:3], x[2:4] (one)."""
+    n = helper.make_node
+    nodes = [n("MaxPool", ["x"], ["p"], kernel_shape=[kernel], **pool), n("Flatten", ["p"], ["f"]),
+             n("ReduceSum", ["f", "axes"], ["y"], keepdims=1)]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                              initializer=[numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    rec = rv.onnx.reconstruct(model, torch.tensor([[[1.0, 1.0, 0.0, 2.0]]]))
+    assert rec.meta["ties"] == ties
+
+
+def test_verify_reports_the_reconstructions_notes():
+    model, twin = paddle_style()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    rec = rv.onnx.reconstruct(model, x)
+    report = rv.verify(twin, rec, radius=False)
+    assert report.ok and rec.meta["notes"] and report.notes[:len(rec.meta["notes"])] == rec.meta["notes"]
+    assert "ends in Softmax" in str(report) and report.to_dict()["notes"] == report.notes
+
+
+def test_prepare_maps_the_producers_once(monkeypatch, nets):
+    import reconviz.onnx.graph as graph
+
+    calls = []
+    real = graph._producers
+    monkeypatch.setattr(graph, "_producers", lambda g: calls.append(1) or real(g))
+    model, _ = paddle_style()
+    prep = graph.prepare(model, (1, 3, 8, 8))
+    assert prep.logits_name == "logits" and len(calls) == 1
+    assert "prob" not in {o for node in prep.model.graph.node for o in node.output}  # the Softmax was pruned

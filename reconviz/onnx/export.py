@@ -140,32 +140,44 @@ def reconstruction_to_onnx(rec: Reconstruction, path: str | os.PathLike, *, prob
     return path
 
 
-def export_torch(model: Any, example: np.ndarray) -> tuple[ModelProto | None, str | None]:
+def export_torch(model: Any, example: np.ndarray, output_names: list[str] | None = None, *,
+                 strict: bool = False) -> tuple[ModelProto | None, str | None]:
     """``torch.onnx.export`` of a float32 eval copy of ``model`` with a dynamic batch axis.
 
-    Returns (ModelProto, None), or (None, why) when the model cannot be exported.
-    The exporter's warnings and printed graphs are suppressed."""
+    The input is named ``input``; the outputs ``output_names`` (default ``output0``,
+    ``output1``, ... for each output the model returns). Returns (ModelProto, None),
+    or (None, why) when the model cannot be exported (``strict=True``: the exporter's
+    exception is raised instead). The exporter's warnings and printed graphs are suppressed."""
     import torch
 
-    work = copy.deepcopy(model).eval().float()
     x = torch.from_numpy(np.ascontiguousarray(example, np.float32))
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            with torch.no_grad():
-                out = work(x)
-            count = 1 if isinstance(out, torch.Tensor) else len(out) if isinstance(out, (tuple, list)) else 0
-            names = [f"output{i}" for i in range(count)] or None
+            warnings.simplefilter("ignore")  # .float() of a TorchScript copy warns about .grad too
+            work = copy.deepcopy(model).eval().float()
+            names = output_names if output_names is not None else _output_names(work, x)
             axes = {"input": {0: "batch"}, **{o: {0: "batch"} for o in names or ()}}
             torch.onnx.export(work, (x,), buf, dynamo=False, input_names=["input"], output_names=names,
                               dynamic_axes=axes)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        if strict:
+            raise
         text = " ".join(str(e).split())
         for cut in (" Please feel free", " [Caused by"):
             text = text.split(cut)[0]
         return None, f"torch.onnx.export failed: {type(e).__name__}: {text[:300]}"
     return onnx.load_from_string(buf.getvalue()), None
+
+
+def _output_names(work: Any, x: Any) -> list[str] | None:
+    """``output0``, ``output1``, ... for the tensors ``work(x)`` returns (None: let the exporter name them)."""
+    import torch
+
+    with torch.no_grad():
+        out = work(x)
+    count = 1 if isinstance(out, torch.Tensor) else len(out) if isinstance(out, (tuple, list)) else 0
+    return [f"output{i}" for i in range(count)] or None
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ class Frozen:
     gate: str  # reconviz gate name, as in reconviz.gates ("relu", "clamp", ...)
     shape: tuple[int, ...]  # shape of the gated tensor at the probe (N, ...)
     tensors: dict[str, np.ndarray]
-    ties: int = 0  # units exactly on a boundary at the probe (elementwise gates, GlobalMaxPool)
+    ties: int = 0  # units exactly on a breakpoint, or pooling windows whose max is not unique
 
 
 class GateError(Exception):
@@ -216,11 +216,53 @@ class MaxPool(OnnxGate):
     def record(self, node, values, g, uid):
         z, idx, y = values[node.input[0]], values[node.output[1]], values[node.output[0]]
         return Frozen(node.name or uid, node.op_type, self.name, tuple(z.shape),
-                      {"index": idx.astype(np.int64), "out_shape": np.array(y.shape, dtype=np.int64)})
+                      {"index": idx.astype(np.int64), "out_shape": np.array(y.shape, dtype=np.int64)},
+                      window_ties(z, idx, y, *pool_geometry(node, z.shape, y.shape)))
 
     def rewrite(self, node, prior, uid):
         return per_probe_gather(node.input[0], node.output[0], prior.shape, prior.tensors["index"],
                                 tuple(prior.tensors["out_shape"][1:]), uid)
+
+
+def pool_geometry(node: NodeProto, z_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> tuple[list[int], ...]:
+    """(kernel, strides, leading pads, dilations) of a MaxPool node, per spatial axis.
+
+    Window o of axis d covers input positions o * stride - pad + j * dilation, j < kernel
+    (ceil_mode only adds windows, and they are in ``y_shape``); ``auto_pad`` SAME_* pads
+    (out - 1) * stride + (kernel - 1) * dilation + 1 - in in all, the odd one at the end
+    (SAME_UPPER) or the start (SAME_LOWER)."""
+    k = len(z_shape) - 2
+    kernel = list(_attr(node, "kernel_shape"))
+    strides = list(_attr(node, "strides", [1] * k))
+    dilations = list(_attr(node, "dilations", [1] * k))
+    auto = _attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        total = [max(0, (o - 1) * s + (w - 1) * d + 1 - i)
+                 for o, s, w, d, i in zip(y_shape[2:], strides, kernel, dilations, z_shape[2:])]
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+    else:
+        begin = list(_attr(node, "pads", [0] * 2 * k))[:k] if auto != "VALID" else [0] * k
+    return kernel, strides, begin, dilations
+
+
+def window_ties(z: np.ndarray, idx: np.ndarray, y: np.ndarray, kernel: list[int], strides: list[int],
+                begin: list[int], dilations: list[int]) -> int:
+    """Windows in which a member other than the switch equals the max (as :mod:`reconviz.gates`
+    counts MaxPool ties). ``idx`` is MaxPool's Indices, flat over the whole (N, C, *spatial) z."""
+    n, c, *space = z.shape
+    zf, yf = z.reshape(n, c, -1), y.reshape(n, c, -1)
+    switch = idx.reshape(n, c, -1) % zf.shape[-1]
+    tied = np.zeros(switch.shape, dtype=bool)
+    for offset in np.ndindex(*kernel):  # one kernel member of every window at a time
+        flat, valid = np.zeros((), np.int64), np.ones((), bool)
+        for j, size, o, s, p, d in zip(offset, space, y.shape[2:], strides, begin, dilations):
+            pos = np.arange(o) * s - p + j * d
+            flat = np.add.outer(flat * size, np.clip(pos, 0, size - 1))
+            valid = np.logical_and.outer(valid, (pos >= 0) & (pos < size))
+        flat, valid = flat.reshape(-1), valid.reshape(-1)
+        tied |= valid & (flat != switch) & (zf[:, :, flat] == yf)
+    return int(tied.sum())
 
 
 class GlobalMaxPool(OnnxGate):

@@ -274,8 +274,9 @@ def prepare(model: Any, x_shape: tuple[int, ...], logits: str = "auto") -> Prepa
     proto, source = load_model(model)
     graph = proto.graph
     input_name = _input(graph, x_shape, source)
-    logits_name, notes = _select_logits(graph, logits)
-    _prune(graph, logits_name)
+    producers = _producers(graph)  # the tensor -> node map both steps walk
+    logits_name, notes = _select_logits(graph, logits, producers)
+    _prune(graph, logits_name, producers)
     info = GraphInfo(constants(graph), _used(graph), dependent_tensors(graph, input_name))
     if logits_name not in info.dependent:
         raise InputError(f"the logits tensor '{logits_name}' does not depend on the input '{input_name}'")
@@ -321,14 +322,14 @@ def _producers(graph: onnx.GraphProto) -> dict[str, NodeProto]:
     return {o: n for n in graph.node for o in n.output if o}
 
 
-def _select_logits(graph: onnx.GraphProto, logits: str) -> tuple[str, list[str]]:
+def _select_logits(graph: onnx.GraphProto, logits: str,
+                   producers: dict[str, NodeProto]) -> tuple[str, list[str]]:
     """The tensor to reconstruct: ``auto`` steps back over a final Softmax/LogSoftmax."""
     if not isinstance(logits, str):
         raise InputError(f"logits must be 'auto', 'output' or a tensor name, got {logits!r}")
     out = graph.output[0].name
     notes = [] if len(graph.output) == 1 else [
         f"the graph has {len(graph.output)} outputs; reconstructing the first, '{out}'"]
-    producers = _producers(graph)
     if logits == "output":
         return out, notes
     if logits != "auto":
@@ -346,9 +347,8 @@ def _select_logits(graph: onnx.GraphProto, logits: str) -> tuple[str, list[str]]
     return out, notes
 
 
-def _prune(graph: onnx.GraphProto, output: str) -> None:
-    """Keep only what computes ``output``; make it the single graph output."""
-    producers = _producers(graph)
+def _prune(graph: onnx.GraphProto, output: str, producers: dict[str, NodeProto]) -> None:
+    """Keep only what computes ``output`` (``producers``: tensor -> node); make it the single graph output."""
     needed, stack = set(), [output]
     while stack:
         name = stack.pop()

@@ -12,73 +12,115 @@ power of two: the division is exact) removes that cancellation: on the test
 architectures the error of W relative to max |W| drops from up to 9e-4 (s = 1,
 Hadamard basis) to below 1e-6 (docs/onnx.md).
 
-A chunk of m basis columns runs as one onnxruntime batch of m * N inputs: column
-j is fed to every probe (input j * N + n uses probe n's priors). onnxruntime's
-CPU convolution is float32, so g runs in float32; the differences G - b and the
-block products are formed in float64 and W is stored in float32.
+The columns are fed by the PyTorch path's sweep (:func:`reconviz.solve.sweep`)
+through :class:`TorchView`, which shows g to it as h(x) = g(s x) / s: the same W,
+bias b / s. A chunk of m basis columns runs as one onnxruntime batch of m * N
+inputs (input j * N + n uses probe n's priors). onnxruntime's CPU convolution is
+float32, so g runs in float32; G_k - b and the one product per block are formed
+in float64, and W is stored in float32: in memory, or streamed to a memory-mapped
+``.npy`` (:func:`reconviz.solve.plan_memory`, ``max_memory=`` / ``out=``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import sys
+import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
-from ..basis import BASES, Basis, make_basis
+from ..basis import Basis, make_basis
 from ..errors import InputError
+from ..pipeline import check_options, checked
 from ..reconstruction import Reconstruction, tolerance_for
-from ..solve import resolve_classes
+from ..solve import MemoryPlan, WeightSink, _columns, plan_memory, resolve_classes, sweep
 from .linearize import LinearizedGraph, linearize
 from .runtime import ort_version
 
-__all__ = ["reconstruct", "solve_basis", "default_chunk", "WORK_MEMORY", "MAX_CHUNK", "SCALE"]
+__all__ = ["reconstruct", "solve_basis", "default_chunk", "memory_plan", "TorchView", "one_thread", "WORK_MEMORY",
+           "MAX_CHUNK", "SCALE"]
 
 WORK_MEMORY = 256 * 2**20  # bytes of activations in flight per onnxruntime batch (estimated)
 MAX_CHUNK = 512  # basis columns per batch at most: larger batches gain nothing on a CPU
 SCALE = 4096.0  # basis columns are fed as s * q (see the module docstring)
 
 
-def default_chunk(lin: LinearizedGraph) -> int:
-    """Columns per batch so that m * N samples' activations fit in :data:`WORK_MEMORY`.
+def default_chunk(lin: LinearizedGraph, budget: int = WORK_MEMORY) -> int:
+    """Columns per batch so that m * N samples' activations fit in ``budget`` bytes.
 
     The per-sample footprint is estimated from the probe run's tapped tensors (every
     gate's input: about one tensor per layer), doubled for the rest."""
     d = math.prod(lin.sample_shape)
     per_sample = 2 * lin.activation_bytes / lin.n_probes + 4 * (d + lin.n_outputs)
-    return int(max(1, min(d, MAX_CHUNK, WORK_MEMORY // max(1, lin.n_probes * per_sample))))
+    return int(max(1, min(d, MAX_CHUNK, budget // max(1, lin.n_probes * per_sample))))
 
 
-def solve_basis(lin: LinearizedGraph, classes: np.ndarray, basis: Basis, chunk: int,
-                progress: bool | None = None, scale: float = SCALE) -> tuple[np.ndarray, np.ndarray]:
+class TorchView:
+    """The linearized graph as the PyTorch path's solver sees a LinearizedModel:
+    h(x) = g(s x) / s on ``dtype`` tensors (g runs in float32 in onnxruntime).
+
+    h has g's W and the bias b / s; with s a power of two both are exact."""
+
+    def __init__(self, lin: LinearizedGraph, dtype: torch.dtype = torch.float64, scale: float = 1.0):
+        self.lin, self.dtype, self.scale = lin, dtype, scale
+        self.n_probes, self.sample_shape = lin.n_probes, lin.sample_shape
+        self.probes = torch.from_numpy(lin.probes).to(dtype)  # device and dtype of the sweep
+
+    def __call__(self, batch: Tensor, observer: Any = None) -> Tensor:
+        out = self.lin((batch * self.scale).numpy())  # (B, K_all) float32
+        return torch.from_numpy(out).to(self.dtype) / self.scale
+
+
+def solve_basis(lin: LinearizedGraph, classes: Tensor, basis: Basis, chunk: int, progress: bool | None = None,
+                scale: float = SCALE, sink: WeightSink | None = None) -> tuple[Tensor, Tensor]:
     """(W (N, K, D) float32, b (N, K) float32) of the affine graph ``lin``:
-    b = g(0), W[:, rows_k] = (g(s Q_k) - b) B_k^T / s."""
-    n, d = lin.n_probes, math.prod(lin.sample_shape)
-    b = lin(np.zeros((n, *lin.sample_shape), np.float32))[:, classes].astype(np.float64)
-    w = np.zeros((n, len(classes), d), np.float32)
-    like = torch.empty(0, dtype=torch.float64)
-    total = sum(size for _, size in basis.blocks)
-    show = progress if progress is not None else (sys.stderr.isatty() and total * n > 50_000)
-    with tqdm(total=total, desc="basis columns (onnxruntime)", unit="col", disable=not show, leave=False) as bar:
-        for k, (_, size) in enumerate(basis.blocks):
-            bk = basis.block(k)
-            bk_t = None if bk is None else torch.from_numpy(bk)
-            rows = basis.rows(k)
-            for start in range(0, size, chunk):
-                stop = min(size, start + chunk)
-                cols = basis.inputs(k, start, stop, bk_t, like).numpy() * scale  # (m, D)
-                batch = np.repeat(cols.astype(np.float32), n, axis=0).reshape(-1, *lin.sample_shape)
-                g = (lin(batch)[:, classes].reshape(stop - start, n, -1) - b) / scale  # (m, N, K)
-                if bk is None:
-                    w[:, :, rows[start:stop]] = g.transpose(1, 2, 0)
-                else:
-                    w[:, :, rows] += g.transpose(1, 2, 0) @ bk[:, start:stop].T
-                bar.update(stop - start)
-    return w, b.astype(np.float32)
+    b = g(0), W[:, P(rows_k)] = (g(s Q_k) - b) B_k^T / s, one product per block k.
+
+    W goes to ``sink`` (default: in memory). PyTorch's small steps between the
+    onnxruntime batches run on one thread (:func:`one_thread`)."""
+    with one_thread():
+        return _solve(lin, classes, basis, chunk, progress, scale, sink)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread meanwhile: its idle OpenMP workers spin-wait after each parallel
+    step and take the cores onnxruntime's batches need (the digits CNN at 8 columns a batch:
+    about 4x slower with 2 threads on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solve(lin: LinearizedGraph, classes: Tensor, basis: Basis, chunk: int, progress: bool | None,
+           scale: float, sink: WeightSink | None) -> tuple[Tensor, Tensor]:
+    view = TorchView(lin, torch.float64, scale)
+    b = view(torch.zeros_like(view.probes))[:, classes]  # b / s
+    sink = sink or WeightSink((lin.n_probes, len(classes), basis.size), torch.float32, torch.device("cpu"))
+    every, block = slice(None), []
+    for k, start, stop, bk, out in sweep(view, basis, classes, chunk, progress):
+        centred = out - b.unsqueeze(-1)  # (G - b) / s of columns start..stop, (N, K, m)
+        if bk is None:  # identity block: the columns are W's
+            sink.put_cols(every, _columns(basis, k, start, stop), centred.float())
+            continue
+        block.append(centred)
+        if stop == bk.shape[0]:
+            sink.put_cols(every, _columns(basis, k, 0, stop), (torch.cat(block, -1) @ bk.T).float())
+            block = []
+    return sink.finish(), (b * scale).float()
+
+
+def memory_plan(lin: LinearizedGraph, n_classes: int, max_memory: int | None = None,
+                out: str | os.PathLike | None = None) -> MemoryPlan:
+    """The PyTorch path's memory plan (:func:`reconviz.solve.plan_memory`) for a float32 W."""
+    return plan_memory(TorchView(lin, torch.float32), n_classes, max_memory, out)
 
 
 def reconstruct(
@@ -92,6 +134,8 @@ def reconstruct(
     seed: int = 0,
     progress: bool | None = None,
     scale: float = SCALE,
+    max_memory: int | None = None,
+    out: str | os.PathLike | None = None,
 ) -> Reconstruction:
     """Reconstruct ``f(x) = W x + b`` of an ONNX classifier at each probe, in onnxruntime.
 
@@ -101,7 +145,8 @@ def reconstruct(
         classes: output indices to reconstruct (default: all).
         basis: ``"identity"`` (the paper's one by one), ``"hadamard"``, ``"random"`` or a
             :class:`~reconviz.basis.Basis`.
-        chunk_size: basis columns per onnxruntime batch (default: from a memory estimate).
+        chunk_size: basis columns per onnxruntime batch (default: from a memory estimate,
+            within what ``max_memory`` leaves when it is given).
         logits: ``"auto"``: a final Softmax/LogSoftmax is detected and the reconstruction
             is of its input, the logits (``meta["notes"]`` says so); ``"output"``: the
             first graph output as it is; or the name of a tensor in the graph.
@@ -109,6 +154,11 @@ def reconstruct(
         progress: show a progress bar (default: on a terminal, for long solves).
         scale: the basis columns are fed as ``scale * q`` (exact for the affine g;
             counters float32 cancellation, see the module docstring).
+        max_memory: memory budget in bytes for W plus the batches in flight, as for
+            :func:`reconviz.reconstruct`: W stays in memory when it fits with room for
+            the batches, otherwise it streams to a memory-mapped ``.npy``
+            (``rec.streamed``). Default: W in memory, batches within :data:`WORK_MEMORY`.
+        out: path of a ``.npy`` file to stream W into (implies streaming).
 
     Returns:
         The same :class:`~reconviz.Reconstruction` as the PyTorch path, in float32,
@@ -119,11 +169,7 @@ def reconstruct(
         be frozen, listed before any onnxruntime run. InputError: an unreadable or
         invalid model, or inputs that do not fit it.
     """
-    if not isinstance(basis, Basis) and basis not in BASES:
-        raise InputError(f"unknown basis {basis!r}: choose one of {', '.join(BASES)} or pass a Basis")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
-        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_options(basis, chunk_size)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise InputError(f"scale must be a positive finite number, got {scale!r}")
     start = time.perf_counter()
@@ -131,27 +177,27 @@ def reconstruct(
     probed = time.perf_counter()
     cls = resolve_classes(classes, lin.n_outputs, torch.device("cpu"))
     bas = make_basis(basis, math.prod(lin.sample_shape), seed)
-    chunk = chunk_size or default_chunk(lin)
-    w, b = solve_basis(lin, cls.numpy(), bas, chunk, progress, float(scale))
+    memory = memory_plan(lin, len(cls), max_memory, out)
+    chunk = chunk_size or default_chunk(lin, WORK_MEMORY if max_memory is None else memory.work_bytes)
+    sink = WeightSink((lin.n_probes, len(cls), *lin.sample_shape), torch.float32, torch.device("cpu"), memory)
+    w, b = solve_basis(lin, cls, bas, chunk, progress, float(scale), sink)
     solved = time.perf_counter()
     rec = Reconstruction(
-        weight=torch.from_numpy(w).reshape(lin.n_probes, len(cls), *lin.sample_shape),
-        bias=torch.from_numpy(b),
+        weight=w.reshape(lin.n_probes, len(cls), *lin.sample_shape),
+        bias=b,
         classes=cls,
         logits=torch.from_numpy(np.ascontiguousarray(lin.logits[:, cls.numpy()])),
         probes=torch.from_numpy(lin.probes),
-        meta=_meta(lin, bas, seed, chunk, float(scale)),
+        meta=_meta(lin, bas, seed, chunk, float(scale), memory),
+        mapped=sink.mapped,
     )
-    rec.check()
-    end = time.perf_counter()
-    rec.meta["seconds"] = end - start
-    rec.meta["timings"] = {"probe": probed - start, "solve": solved - probed, "check": end - solved}
-    return rec
+    return checked(rec, start, probed, solved)
 
 
-def _meta(lin: LinearizedGraph, basis: Basis, seed: int, chunk: int, scale: float) -> dict[str, Any]:
+def _meta(lin: LinearizedGraph, basis: Basis, seed: int, chunk: int, scale: float,
+          memory: MemoryPlan) -> dict[str, Any]:
     graph = lin.model.graph
-    return {
+    meta = {
         "model": graph.name or "onnx graph",
         "source": lin.source,
         "backend": "onnxruntime",
@@ -170,5 +216,9 @@ def _meta(lin: LinearizedGraph, basis: Basis, seed: int, chunk: int, scale: floa
         "ties": lin.ties,
         "output": None,
         "chunk_size": chunk,
+        "memory": memory.meta(),
         "notes": list(lin.notes),
     }
+    if memory.path is not None:
+        meta["weight_file"] = memory.path
+    return meta
