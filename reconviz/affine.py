@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["call", "EvalBatchNorm"]
+__all__ = ["call", "EvalBatchNorm", "LEAN_MIN_NUMEL"]
+
+# below this many elements the kernel is cheap and a Python-level backward's fixed cost
+# (~50 us a call) is not: the digits CNN's batch norms hold 1,024 elements per probe
+LEAN_MIN_NUMEL = 2**15
 
 
 class EvalBatchNorm(torch.autograd.Function):
@@ -56,6 +60,8 @@ def _batch_norm(args: tuple, kwargs: dict) -> Tensor | None:
     training, eps = _arg(args, kwargs, 5, "training", False), _arg(args, kwargs, 7, "eps", 1e-5)
     consts = (mean, var, weight, bias)
     if training or not isinstance(mean, Tensor) or not isinstance(var, Tensor) or z.dim() < 2:
+        return None
+    if z.numel() < LEAN_MIN_NUMEL:  # small: the Python-level backward costs more than it saves
         return None
     if any(isinstance(t, Tensor) and t.requires_grad for t in consts) or not z.requires_grad:
         return None

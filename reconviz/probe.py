@@ -10,6 +10,7 @@ they were called.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from contextlib import contextmanager
 from collections.abc import Mapping
@@ -64,7 +65,13 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
             TrainingModeWarning,
             stacklevel=stacklevel,
         )
-    work = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
+    # parameters and buffers enter the copy already cast (deepcopy's memo): no float32 copy
+    # made only to be cast; .to() then handles anything a module's own _apply converts
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        cast = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
+        memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+    work = copy.deepcopy(model, memo).eval().to(device=device, dtype=dtype)
     for p in work.parameters():
         p.requires_grad_(False)
     return work

@@ -145,7 +145,8 @@ def plan_memory(
     wbytes = lin.n_probes * n_classes * sample_size(lin) * _itemsize(lin)
     if max_memory is None:
         work = default_work_memory(device)
-        stream = out is not None or wbytes > available_memory(device) // 2
+        # (a W below the chunk budget always fits: no need to read the free memory)
+        stream = out is not None or (wbytes > MIN_WORK_MEMORY and wbytes > available_memory(device) // 2)
     else:
         stream = out is not None or wbytes + MIN_WORK_MEMORY > max_memory
         work = max_memory - (min(BLOCK_BYTES, wbytes) if stream else wbytes)
@@ -303,9 +304,22 @@ class Chunker:
         return {"chunk": self.size, "calibration": [[m, p] for m, p in self.trials]}
 
 
+class _NoBar:
+    """What a disabled progress bar needs to be (a tqdm costs ~50 us to build, even disabled)."""
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
 def _progress(total: int, desc: str, progress: bool | None, unit: str = "col"):
     enabled = (sys.stderr.isatty() and total >= 256) if progress is None else progress
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False) if enabled else _NoBar()
 
 
 # --------------------------------------------------------------------------

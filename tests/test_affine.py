@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reconviz as rv
+from reconviz import affine
 from reconviz.affine import EvalBatchNorm, call
 from conftest import assert_exact
 
@@ -33,8 +34,11 @@ def test_eval_batch_norm_matches_pytorch(shape, affine):
         assert torch.equal(ga, gb)
 
 
-def test_only_eval_calls_with_constant_statistics_take_the_lean_form():
+def test_only_large_eval_calls_with_constant_statistics_take_the_lean_form(monkeypatch):
     z = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert "EvalBatchNorm" not in type(call(F.batch_norm, (z, mean, var), {}).grad_fn).__name__  # small
+    monkeypatch.setattr(affine, "LEAN_MIN_NUMEL", z.numel())
     mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     lean = call(F.batch_norm, (z, mean, var), {})
     assert lean.grad_fn is not None and "EvalBatchNorm" in type(lean.grad_fn).__name__
@@ -61,8 +65,9 @@ class _ConvBN(nn.Module):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_adjoint_through_batch_norm_agrees_with_the_basis_solve(chunk):
+def test_adjoint_through_batch_norm_agrees_with_the_basis_solve(chunk, monkeypatch):
     """One class per backward, and several in one batched backward (vmap over the lean backward)."""
+    monkeypatch.setattr(affine, "LEAN_MIN_NUMEL", 0)  # the lean form on these small tensors too
     model = _ConvBN().eval()
     x = torch.randn(3, 2, 6, 6)
     adjoint = rv.reconstruct(model, x, method="adjoint", chunk_size=chunk)
