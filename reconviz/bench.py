@@ -173,9 +173,9 @@ _ALL = RV_METHODS + ALT_METHODS
 
 CASES: dict[str, Case] = {c.name: c for c in [
     Case("digits", "digits CNN 1x8x8, 10 classes, 1 probe", lambda: _digits(1), 10,
-         RV_METHODS + ("loop", "jacrev", "jacobian-vec"), repeats=7),
+         RV_METHODS + ("loop", "jacrev", "jacobian-vec"), repeats=101),  # ~5 ms a call: noise is +-30%
     Case("digits-all", "digits CNN, all 1,797 probes, 10 classes", lambda: _digits(None), 10,
-         ("auto", "adjoint", "basis-identity", "loop", "loop-per-probe"), repeats=5, many_probes=True),
+         ("auto", "adjoint", "basis-identity", "loop", "loop-per-probe"), repeats=15, many_probes=True),
     _vgg_case(64, 100, _ALL),
     _vgg_case(64, 1000, ("basis-identity", "adjoint", "auto", "loop", "jacrev-c10", "jacrev-c50",
                          "jacobian-vec")),
