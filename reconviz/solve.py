@@ -49,7 +49,7 @@ from .reconstruction import BLOCK_BYTES, MappedWeight
 
 __all__ = [
     "solve_basis", "solve_adjoint", "choose_method", "basis_chunk", "adjoint_chunk", "basis_cap", "adjoint_cap",
-    "plan_memory", "MemoryPlan", "WeightSink", "METHODS", "DEFAULT_WORK_MEMORY",
+    "plan_memory", "MemoryPlan", "WeightSink", "METHODS", "DEFAULT_WORK_MEMORY", "sweep", "assemble",
 ]
 
 METHODS = ("auto", "basis", "adjoint")
@@ -205,7 +205,8 @@ class WeightSink:
         self._touched = 0
 
     def _moved(self, value: Tensor) -> Tensor:
-        return value.to(self.w.device) if value.device != self.w.device else value
+        """``value`` on W's device, in W's dtype (a no-op where they match)."""
+        return value.to(device=self.w.device, dtype=self.w.dtype)
 
     def put_rows(self, probes: slice, c0: int, c1: int, value: Tensor) -> None:
         """W[probes, c0:c1, :] = value (n, c1 - c0, D)."""
@@ -407,6 +408,25 @@ def _columns(basis: Basis, k: int, start: int, stop: int) -> slice | Tensor:
     return torch.as_tensor(basis.rows(k)[start:stop])
 
 
+def assemble(chunks: Iterator[tuple[int, int, int, Tensor | None, Tensor]], b: Tensor,
+             basis: Basis) -> Iterator[tuple[slice | Tensor, Tensor]]:
+    """W's columns from a sweep's chunks (:func:`sweep`): yields (W columns, values (N, K, m)).
+
+    Identity blocks: G - b lands directly. Other blocks: G_k - b is collected, then
+    multiplied once, W[:, P(rows_k)] = (G_k - b) B_k^T."""
+    block: Tensor | None = None
+    for k, start, stop, bk, out in chunks:
+        centred = out - b.unsqueeze(-1)
+        if bk is None:
+            yield _columns(basis, k, start, stop), centred
+            continue
+        if start == 0:
+            block = out.new_empty(*out.shape[:2], bk.shape[0])
+        block[:, :, start:stop] = centred
+        if stop == bk.shape[0]:
+            yield _columns(basis, k, 0, stop), block @ bk.T
+
+
 def _sweep(
     lin: LinearizedModel,
     basis: Basis,
@@ -485,17 +505,8 @@ def solve_basis(
         cap = basis_cap(sub.n_probes, per_probe, plan.work_bytes, basis.size)
         chunker = Chunker(chunk, cap if chunk is None else chunk, _start(chunk, cap, pass_seconds or 1.0),
                           total=basis.size)
-        block_g: Tensor | None = None
-        for k, start, stop, bk, out in _sweep(sub, basis, classes, chunker, progress, observer):
-            centred = out - bg.unsqueeze(-1)
-            if bk is None:  # identity block: columns land directly
-                sink.put_cols(probes, _columns(basis, k, start, stop), centred)
-                continue
-            if start == 0:
-                block_g = torch.empty(sub.n_probes, k_cls, bk.shape[0], dtype=lin.dtype, device=out.device)
-            block_g[:, :, start:stop] = centred
-            if stop == bk.shape[0]:
-                sink.put_cols(probes, _columns(basis, k, 0, stop), block_g @ bk.T)  # (G_k - b) B_k^T
+        for cols, value in assemble(_sweep(sub, basis, classes, chunker, progress, observer), bg, basis):
+            sink.put_cols(probes, cols, value)
         calib.append(chunker.meta())
     if info is not None:
         info.update(calib[0] if len(calib) == 1 else {"chunk": calib[-1]["chunk"], "groups": calib})

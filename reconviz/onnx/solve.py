@@ -37,7 +37,7 @@ from ..basis import Basis, make_basis
 from ..errors import InputError
 from ..pipeline import check_options, checked
 from ..reconstruction import Reconstruction, tolerance_for
-from ..solve import MemoryPlan, WeightSink, _columns, plan_memory, resolve_classes, sweep
+from ..solve import MemoryPlan, WeightSink, assemble, plan_memory, resolve_classes, sweep
 from .linearize import LinearizedGraph, linearize
 from .runtime import ort_version
 
@@ -104,16 +104,8 @@ def _solve(lin: LinearizedGraph, classes: Tensor, basis: Basis, chunk: int, prog
     view = TorchView(lin, torch.float64, scale)
     b = view(torch.zeros_like(view.probes))[:, classes]  # b / s
     sink = sink or WeightSink((lin.n_probes, len(classes), basis.size), torch.float32, torch.device("cpu"))
-    every, block = slice(None), []
-    for k, start, stop, bk, out in sweep(view, basis, classes, chunk, progress):
-        centred = out - b.unsqueeze(-1)  # (G - b) / s of columns start..stop, (N, K, m)
-        if bk is None:  # identity block: the columns are W's
-            sink.put_cols(every, _columns(basis, k, start, stop), centred.float())
-            continue
-        block.append(centred)
-        if stop == bk.shape[0]:
-            sink.put_cols(every, _columns(basis, k, 0, stop), (torch.cat(block, -1) @ bk.T).float())
-            block = []
+    for cols, value in assemble(sweep(view, basis, classes, chunk, progress), b, basis):
+        sink.put_cols(slice(None), cols, value)  # (G - b) / s, stored in float32
     return sink.finish(), (b * scale).float()
 
 
