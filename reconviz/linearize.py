@@ -116,6 +116,11 @@ class LinearizedModel(nn.Module):
             f"gates={self.gate_counts()}, ties={self.ties}"
         )
 
+    @property
+    def has_graph(self) -> bool:
+        """The probe pass's graph is kept for a reverse-mode solve (:meth:`take_graph`)."""
+        return self._graph is not None
+
     def take_graph(self) -> tuple[Tensor, Tensor] | None:
         """The probe pass's (x0 leaf, g(x0) with its graph), once; None if not kept.
 

@@ -643,28 +643,31 @@ def choose_method(lin: LinearizedModel, n_classes: int, *, seconds_per_pass: flo
                   work: int | None = None, why: dict | None = None) -> str:
     """``adjoint`` when K backward passes cost less than D forward passes.
 
-    Shapes: the basis solve runs D * N samples forward; the adjoint N samples
-    forward with the graph kept, then K backward passes of N samples (a backward
-    costs about :data:`BACKWARD_COST` forwards). ``seconds_per_pass`` (the measured
-    time of one forward pass of the N probes, e.g. the bias pass) adds the number
-    of passes: a pass that takes under :data:`OVERHEAD_BOUND` is mostly fixed
-    cost, so each method is charged its pass count (basis: D over its chunk cap;
-    adjoint: 2 plus K over its chunk cap) on top of its samples.
+    Shapes: the basis solve runs D * N samples forward; the adjoint K backward
+    passes of N samples (a backward costs about :data:`BACKWARD_COST` forwards),
+    plus N samples forward when the probe pass's graph was not kept.
+    ``seconds_per_pass`` (the measured time of one forward pass of the N probes,
+    e.g. the bias pass) adds the number of passes: a pass that takes under
+    :data:`OVERHEAD_BOUND` is mostly fixed cost, so each method is charged its pass
+    count (basis: D over its chunk cap; adjoint: K over its chunk cap, plus the
+    bias pass and any forward pass) on top of its samples.
 
     Timing both methods on a first chunk was tried and dropped: where the rule
     is not clear-cut the passes are cheap, and two timed trials cost as much as
     the whole solve (the 8x8 digits net: 5.4-6 ms a solve, 13.5 ms with trials).
     """
     d = sample_size(lin)
+    forward = 0.0 if lin.has_graph else 1.0
     basis = float(d)
-    adjoint = 1.0 + BACKWARD_COST * n_classes
-    if seconds_per_pass is not None and seconds_per_pass < OVERHEAD_BOUND:
+    adjoint = forward + BACKWARD_COST * n_classes
+    charged = seconds_per_pass is not None and seconds_per_pass < OVERHEAD_BOUND
+    if charged:
         basis_passes = math.ceil(d / basis_chunk(lin, work))
-        adjoint_passes = 2 + math.ceil(n_classes / adjoint_chunk(lin, n_classes, work))
+        adjoint_passes = 1 + forward + math.ceil(n_classes / adjoint_chunk(lin, n_classes, work))
         basis, adjoint = basis + basis_passes * PASS_SAMPLES, adjoint + adjoint_passes * PASS_SAMPLES
     chosen = "adjoint" if adjoint <= basis else "basis"
     if why is not None:
-        why.update(rule="shapes" if seconds_per_pass is None else "shapes+passes", basis_cost=basis,
+        why.update(rule="shapes+passes" if charged else "shapes", basis_cost=basis,
                    adjoint_cost=adjoint, pass_seconds=seconds_per_pass, chosen=chosen)
     return chosen
 

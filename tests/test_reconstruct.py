@@ -292,3 +292,17 @@ def test_adjoint_solve_backpropagates_through_the_probe_pass(act, passes, reques
     basis = rv.reconstruct(model, x, method="basis", chunk_size=64)
     assert torch.allclose(rec.weight, basis.weight, rtol=0, atol=1e-12)
     assert rec.meta["max_rel_error"] <= 1e-9
+
+
+def test_auto_charges_a_forward_pass_only_when_the_probe_graph_is_not_kept():
+    """With the probe pass's graph kept, the adjoint costs its K backward passes (1.3 K
+    forward samples); without it, one forward pass more."""
+    from reconviz.solve import choose_method
+
+    model = _Counted(nn.ReLU()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    kept, plain = {}, {}
+    choose_method(rv.linearize(model, x, keep_graph=True), 5, why=kept)
+    choose_method(rv.linearize(model, x), 5, why=plain)
+    assert kept["adjoint_cost"] == pytest.approx(1.3 * 5) and plain["adjoint_cost"] == pytest.approx(1 + 1.3 * 5)
+    assert kept["rule"] == plain["rule"] == "shapes" and kept["basis_cost"] == 64
