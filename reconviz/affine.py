@@ -29,23 +29,38 @@ LEAN_MIN_NUMEL = 2**15
 
 
 class EvalBatchNorm(torch.autograd.Function):
-    """F.batch_norm with running statistics (eval mode), differentiated in z only."""
+    """F.batch_norm with running statistics (eval mode), differentiated in z only.
+
+    In the setup_context form, with a generated vmap rule and a forward-mode rule,
+    so that torch.func transforms (jacrev, vjp, jvp, vmap) work through it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
-                bias: Tensor | None, eps: float) -> Tensor:
-        ctx.save_for_backward(var, weight)
-        ctx.eps = eps
+    def forward(z: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                eps: float) -> Tensor:
         return F.batch_norm(z, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        z, _, var, weight, _, eps = inputs
+        ctx.scale = _scale(var, weight, eps, z.dim())
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        var, weight = ctx.saved_tensors
-        scale = torch.rsqrt(var + ctx.eps)
-        if weight is not None:
-            scale = scale * weight
-        scale = scale.reshape((1, -1) + (1,) * (grad.dim() - 2))
-        return grad * scale, None, None, None, None, None
+        return grad * ctx.scale, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, *_: Any) -> Tensor:
+        return tangent * ctx.scale
+
+
+def _scale(var: Tensor, weight: Tensor | None, eps: float, dim: int) -> Tensor:
+    """gamma / sqrt(var + eps), shaped (1, C, 1, ...) for an input of ``dim`` dims."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    return scale.reshape((1, -1) + (1,) * (dim - 2))
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:

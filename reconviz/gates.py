@@ -157,14 +157,12 @@ class Gate:
 class ElementwiseGate(Gate):
     """phi(z) frozen as D * z + C; subclasses define the slope/offset and breakpoints.
 
-    At the probe, a piecewise-linear gate continues with D * z + C itself: with D and C
-    read off z, it equals phi(z) exactly (D is 0 or 1 or the slope phi uses, C a
-    constant phi returns), so the probe pass is g's forward pass. A smooth
-    (point-exact) gate continues with phi(z), the model's own value."""
+    At the probe, the built-in (piecewise-linear) gates continue with D * z + C itself
+    (``records_frozen``): with D and C read off z, it equals phi(z) in value (D is 0,
+    1 or the slope phi uses, C a constant phi returns), so the probe pass is g's
+    forward pass. Any other subclass continues with phi(z), the model's own value,
+    so that the exactness check compares against f(x0) and catches a wrong rule."""
 
-    @property
-    def records_frozen(self) -> bool:  # type: ignore[override]
-        return self.region_exact
 
     def slope_offset(self, z: Tensor, p: dict) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
@@ -227,6 +225,7 @@ class ElementwiseGate(Gate):
 
 class ReLUGate(ElementwiseGate):
     name = "relu"
+    records_frozen = True
     functions = (F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
 
     def parse(self, func, args, kwargs):
@@ -246,6 +245,7 @@ class ClampGate(ElementwiseGate):
     """Hardtanh, ReLU6, clamp/clip: D = 1[lo < z < hi], C = lo 1[z <= lo] + hi 1[z >= hi]."""
 
     name = "clamp"
+    records_frozen = True
     functions = (
         F.hardtanh, F.hardtanh_, F.relu6, torch.clamp, torch.clamp_, torch.clip, torch.clip_,
         Tensor.clamp, Tensor.clamp_, Tensor.clip, Tensor.clip_, torch.clamp_min, torch.clamp_min_,
@@ -294,6 +294,7 @@ class ClampGate(ElementwiseGate):
 
 class LeakyReLUGate(ElementwiseGate):
     name = "leaky_relu"
+    records_frozen = True
     functions = (F.leaky_relu, F.leaky_relu_)
 
     def parse(self, func, args, kwargs):
@@ -312,6 +313,7 @@ class PReLUGate(ElementwiseGate):
     """PReLU: the learned slope a (one per channel, dim 1, or one in all)."""
 
     name = "prelu"
+    records_frozen = True
     functions = (F.prelu, torch.prelu, Tensor.prelu)
 
     def parse(self, func, args, kwargs):
@@ -331,6 +333,7 @@ class ThresholdGate(ElementwiseGate):
     """F.threshold: z if z > t else v  ->  D = 1[z > t], C = v 1[z <= t]."""
 
     name = "threshold"
+    records_frozen = True
     functions = (F.threshold, F.threshold_, torch.threshold, torch.threshold_)
 
     def parse(self, func, args, kwargs):
@@ -505,7 +508,7 @@ class MaxPoolGate(Gate):
         k, out_spatial = p["k"], tuple(idx.shape[-p["k"]:])
         if _disjoint(p, out_spatial):
             masked = z.flatten(-k).scatter(-1, idx.flatten(-k), -math.inf).view_as(z)
-            return int((_pool(masked, p)[0] == out).sum())
+            return int(((_pool(masked, p)[0] == out) & (out > -math.inf)).sum())
         h, counted = self._pairs(z, idx, p)
         return int(((h == 0) & counted).any(-1).sum().item())
 

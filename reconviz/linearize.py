@@ -116,6 +116,15 @@ class LinearizedModel(nn.Module):
             f"gates={self.gate_counts()}, ties={self.ties}"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_graph"] = None  # the probe pass's graph is not copied (nor can it be)
+        return state
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LinearizedModel":
+        self._graph = None  # a moved or cast model no longer matches the kept graph
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def has_graph(self) -> bool:
         """The probe pass's graph is kept for a reverse-mode solve (:meth:`take_graph`)."""

@@ -70,11 +70,19 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         cast = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
-        memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+        memo[id(t)] = _as_parameter(t, cast) if isinstance(t, nn.Parameter) else cast
     work = copy.deepcopy(model, memo).eval().to(device=device, dtype=dtype)
     for p in work.parameters():
         p.requires_grad_(False)
     return work
+
+
+def _as_parameter(original: nn.Parameter, cast: Tensor) -> nn.Parameter:
+    """``cast`` as a frozen parameter of ``original``'s class (nn.Parameter if that fails)."""
+    try:
+        return type(original)(cast, requires_grad=False)
+    except TypeError:
+        return nn.Parameter(cast, requires_grad=False)
 
 
 def working_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -266,6 +274,11 @@ class RecordMode(GateMode):
         refuse_if_not_affine(func, args, kwargs, current_path(self.work))
 
     def on_gate(self, gate, call, path):
+        if any(isinstance(v, Tensor) and v.requires_grad for v in call.params.values()):
+            raise UnsupportedOperationError(
+                op_name(call.func), path, "its bound or slope depends on the input (e.g. clamp(z, min=x)), "
+                "so freezing it as a constant would not be the model; compute it from parameters only"
+            )
         shape = tuple(call.z.shape)
         out, tensors, params, ties = gate.record(call, self.n)
         self.priors.append(

@@ -573,8 +573,8 @@ def solve_adjoint(
     per_probe = per_probe_bytes(lin)
     # the kept graph of a group plus one gradient per class in flight
     groups = probe_groups(lin, 2 * per_probe, plan.work_bytes)
-    if len(groups) > 1:
-        lin.take_graph()  # the groups each build their own graph: free the probe's
+    if len(groups) > 1 or batching == "replicate":
+        lin.take_graph()  # the groups (or the replicas) build their own graphs: free the probe's
     calib: list[dict] = []
     fell_back: str | None = None
     with torch.enable_grad(), _progress(k * len(groups), "adjoint solve", progress, unit="class") as bar:
@@ -657,7 +657,8 @@ def choose_method(lin: LinearizedModel, n_classes: int, *, seconds_per_pass: flo
     the whole solve (the 8x8 digits net: 5.4-6 ms a solve, 13.5 ms with trials).
     """
     d = sample_size(lin)
-    forward = 0.0 if lin.has_graph else 1.0
+    kept = lin.has_graph and len(probe_groups(lin, 2 * per_probe_bytes(lin), _budget(lin, work))) == 1
+    forward = 0.0 if kept else 1.0
     basis = float(d)
     adjoint = forward + BACKWARD_COST * n_classes
     charged = seconds_per_pass is not None and seconds_per_pass < OVERHEAD_BOUND

@@ -75,3 +75,19 @@ def test_adjoint_through_batch_norm_agrees_with_the_basis_solve(chunk, monkeypat
     assert torch.allclose(adjoint.weight, basis.weight, rtol=0, atol=1e-12)
     assert adjoint.meta["solver"].get("fallback") is None
     assert_exact(adjoint, model)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's own jvp decompositions load
+def test_torch_func_transforms_run_through_the_lean_batch_norm(monkeypatch):
+    """jacrev / jvp on the linearized model (whose replay runs the lean form) give its W."""
+    monkeypatch.setattr(affine, "LEAN_MIN_NUMEL", 0)
+    model = _ConvBN().eval()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    lin = rv.linearize(model, x)
+    rec = rv.reconstruct(model, x, method="basis")
+    jac = torch.func.jacrev(lin)(x)  # (N, K, N, C, H, W): probe i's rows in block (i, :, i)
+    for i in range(2):
+        assert torch.allclose(jac[i, :, i].flatten(1), rec.weight[i].flatten(1), rtol=0, atol=1e-12)
+    tangent = torch.randn_like(x)
+    _, out = torch.func.jvp(lin, (x,), (tangent,))
+    assert torch.allclose(out, torch.einsum("nkd,nd->nk", rec.weight.flatten(2), tangent.flatten(1)), atol=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -183,7 +184,7 @@ _BREAKPOINTS = torch.tensor([-1.0, -0.5, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.25, 
 @pytest.mark.parametrize("name", list(ELEMENTWISE) + list(POOLS))
 def test_probe_pass_is_the_frozen_pass_value_for_value(name):
     """Every built-in gate continues the probe pass with its frozen form, which must equal the
-    op's own output bit for bit (ties included): the probe's logits are f(x0) exactly, and the
+    op's own output in value (ties included): the probe's logits are f(x0) exactly, and the
     kept graph is g's, whose gradient is W."""
     op, shape = (ELEMENTWISE[name], (3, 4, 4)) if name in ELEMENTWISE else POOLS[name]
     model = Wrap(op, shape).eval()
@@ -200,6 +201,64 @@ def test_probe_pass_is_the_frozen_pass_value_for_value(name):
     (grad,) = torch.autograd.grad(out[:, 1].sum(), leaf)
     rec = rv.reconstruct(model, x, method="basis")
     assert torch.allclose(grad.flatten(1), rec.weight[:, 1].flatten(1), rtol=0, atol=1e-12)
+
+
+def test_a_custom_gate_continues_with_the_models_own_value(monkeypatch):
+    """A user's gate with a wrong frozen rule (hardshrink frozen with an offset in its dead
+    zone) must not pass the exactness check: only the built-in gates continue the probe pass
+    with their frozen form, so the check compares W x0 + b with the model's own f(x0)."""
+    from reconviz.gates import _BY_FUNC, _BY_NAME, Call, ElementwiseGate
+
+    class WrongHardshrink(ElementwiseGate):
+        name = "hardshrink_wrong"
+        functions = (F.hardshrink,)
+
+        def parse(self, func, args, kwargs):
+            return Call(func, args[0], {})
+
+        def slope_offset(self, z, p):
+            inside = z.abs() <= 0.5
+            return ~inside, torch.where(inside, torch.full_like(z, 0.25), torch.zeros_like(z))
+
+        def breakpoints(self, p):
+            return [-0.5, 0.5]
+
+    assert not WrongHardshrink().records_frozen
+    assert all(g.records_frozen for g in rv.GATES)  # every built-in gate
+    gate = rv.register_gate(WrongHardshrink())
+    try:
+        model = nn.Sequential(nn.Linear(4, 6), nn.Hardshrink(), nn.Linear(6, 3)).eval()
+        x = torch.randn(2, 4)
+        with pytest.raises(rv.ExactnessError):
+            rv.reconstruct(model, x)
+    finally:
+        rv.GATES.remove(gate)
+        for f in gate.functions:
+            _BY_FUNC.pop(f, None)
+        _BY_NAME.pop(gate.name, None)
+
+
+def test_an_input_dependent_gate_parameter_is_refused(untouched):
+    class ClampByInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.clamp(x, min=x[:, :1]))
+
+    model = ClampByInput().eval()
+    with untouched(model):
+        with pytest.raises(rv.UnsupportedOperationError, match="depends on the input"):
+            rv.reconstruct(model, torch.randn(2, 4))
+
+
+def test_a_kept_graph_is_neither_copied_nor_moved():
+    model = Wrap(nn.ReLU(), (3, 4, 4)).eval()
+    lin = rv.linearize(model, torch.randn(2, 3, 4, 4), keep_graph=True)
+    assert not copy.deepcopy(lin).has_graph and lin.has_graph
+    lin.float()
+    assert not lin.has_graph and lin.take_graph() is None
 
 
 def test_a_linearized_model_keeps_no_graph_unless_asked():
@@ -228,6 +287,8 @@ def test_max_pool_tie_count_agrees_with_the_pairwise_count(k):
                 continue
         p.update(k=k, return_indices=False, in_spatial=size)
         z = torch.randint(0, 3, (2, 3, *size), generator=g).double()
+        if trial % 7 == 0:
+            z[0, 0] = -math.inf  # a channel of -inf: no window there has a tie (its max is no number)
         out, idx = _pool(z, p)
         if idx.min() < 0 or idx.max() >= z[0, 0].numel():
             continue  # a window wholly in the padding: refused at the probe
