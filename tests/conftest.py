@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -102,8 +103,7 @@ def point_exact_silu():
     False), registered for one test and removed after it."""
     import torch.nn.functional as F
 
-    import reconviz as rv
-    from reconviz.gates import _BY_FUNC, _BY_NAME, Call, ElementwiseGate
+    from reconviz.gates import Call, ElementwiseGate
 
     class FrozenSiLU(ElementwiseGate):
         name = "silu_point"
@@ -119,7 +119,17 @@ def point_exact_silu():
         def breakpoints(self, p):
             return []
 
-    gate = rv.register_gate(FrozenSiLU())
+    with registered(FrozenSiLU()) as gate:
+        yield gate
+
+
+@contextlib.contextmanager
+def registered(gate):
+    """``rv.register_gate(gate)`` for the duration of a block (there is no public unregister)."""
+    import reconviz as rv
+    from reconviz.gates import _BY_FUNC, _BY_NAME
+
+    rv.register_gate(gate)
     try:
         yield gate
     finally:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import reconviz as rv
 from archs import Fn
-from conftest import assert_exact
+from conftest import assert_exact, registered
 
 
 class Wrap(nn.Module):
@@ -207,7 +207,7 @@ def test_a_custom_gate_continues_with_the_models_own_value(monkeypatch):
     """A user's gate with a wrong frozen rule (hardshrink frozen with an offset in its dead
     zone) must not pass the exactness check: only the built-in gates continue the probe pass
     with their frozen form, so the check compares W x0 + b with the model's own f(x0)."""
-    from reconviz.gates import _BY_FUNC, _BY_NAME, Call, ElementwiseGate
+    from reconviz.gates import Call, ElementwiseGate
 
     class WrongHardshrink(ElementwiseGate):
         name = "hardshrink_wrong"
@@ -225,17 +225,10 @@ def test_a_custom_gate_continues_with_the_models_own_value(monkeypatch):
 
     assert not WrongHardshrink().records_frozen
     assert all(g.records_frozen for g in rv.GATES)  # every built-in gate
-    gate = rv.register_gate(WrongHardshrink())
-    try:
+    with registered(WrongHardshrink()):
         model = nn.Sequential(nn.Linear(4, 6), nn.Hardshrink(), nn.Linear(6, 3)).eval()
-        x = torch.randn(2, 4)
         with pytest.raises(rv.ExactnessError):
-            rv.reconstruct(model, x)
-    finally:
-        rv.GATES.remove(gate)
-        for f in gate.functions:
-            _BY_FUNC.pop(f, None)
-        _BY_NAME.pop(gate.name, None)
+            rv.reconstruct(model, torch.randn(2, 4))
 
 
 def test_an_input_dependent_gate_parameter_is_refused(untouched):
@@ -354,7 +347,7 @@ def test_max_pool_tie_is_counted():
 
 def test_register_gate_is_the_only_extension_point():
     """A new gate type registered from outside is used by probe, replay and solve."""
-    from reconviz.gates import ElementwiseGate, _BY_FUNC
+    from reconviz.gates import ElementwiseGate
 
     def my_relu(t):
         if torch.overrides.has_torch_function_unary(t):
@@ -375,18 +368,13 @@ def test_register_gate_is_the_only_extension_point():
         def breakpoints(self, p):
             return [0.0]
 
-    gate = rv.register_gate(MyReLUGate())
-    try:
+    with registered(MyReLUGate()):
         model = nn.Sequential(nn.Linear(5, 7), Fn(my_relu), nn.Linear(7, 3)).eval()
         x = torch.randn(2, 5)
         lin = rv.linearize(model, x)
         assert lin.gate_counts() == {"my_relu": 1}
         assert_exact(rv.reconstruct(model, x, method="basis"), model)
-    finally:
-        rv.GATES.remove(gate)
-        _BY_FUNC.pop(my_relu, None)
-        from reconviz.gates import _BY_NAME
-        _BY_NAME.pop("my_relu", None)
+        assert_exact(rv.reconstruct(model, x, method="adjoint"), model)  # a custom gate: its graph is rebuilt
 
 
 def _priors_equal(a, b) -> bool:
