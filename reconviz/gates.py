@@ -163,7 +163,6 @@ class ElementwiseGate(Gate):
     forward pass. Any other subclass continues with phi(z), the model's own value,
     so that the exactness check compares against f(x0) and catches a wrong rule."""
 
-
     def slope_offset(self, z: Tensor, p: dict) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
@@ -509,6 +508,11 @@ class MaxPoolGate(Gate):
         if _disjoint(p, out_spatial):
             masked = z.flatten(-k).scatter(-1, idx.flatten(-k), -math.inf).view_as(z)
             return int(((_pool(masked, p)[0] == out) & (out > -math.inf)).sum())
+        return self.pairwise_ties(z, idx, p)
+
+    def pairwise_ties(self, z: Tensor, idx: Tensor, p: dict) -> int:
+        """Windows in which a member other than the switch equals it, by comparing every
+        (window, member) pair: any geometry (``padding`` is the leading pad of each axis)."""
         h, counted = self._pairs(z, idx, p)
         return int(((h == 0) & counted).any(-1).sum().item())
 

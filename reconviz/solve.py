@@ -354,6 +354,11 @@ def probe_groups(lin: LinearizedModel, per_probe: int, budget: int) -> list[slic
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def adjoint_groups(lin: LinearizedModel, budget: int) -> list[slice]:
+    """The adjoint solve's probe groups: a group's kept graph plus one gradient in flight."""
+    return probe_groups(lin, 2 * per_probe_bytes(lin), budget)
+
+
 # --------------------------------------------------------------------------
 # Basis solve
 # --------------------------------------------------------------------------
@@ -571,8 +576,7 @@ def solve_adjoint(
         b, pass_seconds = timed_bias(lin, classes)
     chunk = _adjoint_chunk_rule(chunk, device, pass_seconds or 1.0)
     per_probe = per_probe_bytes(lin)
-    # the kept graph of a group plus one gradient per class in flight
-    groups = probe_groups(lin, 2 * per_probe, plan.work_bytes)
+    groups = adjoint_groups(lin, plan.work_bytes)
     if len(groups) > 1 or batching == "replicate":
         lin.take_graph()  # the groups (or the replicas) build their own graphs: free the probe's
     calib: list[dict] = []
@@ -657,7 +661,7 @@ def choose_method(lin: LinearizedModel, n_classes: int, *, seconds_per_pass: flo
     the whole solve (the 8x8 digits net: 5.4-6 ms a solve, 13.5 ms with trials).
     """
     d = sample_size(lin)
-    kept = lin.has_graph and len(probe_groups(lin, 2 * per_probe_bytes(lin), _budget(lin, work))) == 1
+    kept = lin.has_graph and len(adjoint_groups(lin, _budget(lin, work))) == 1
     forward = 0.0 if kept else 1.0
     basis = float(d)
     adjoint = forward + BACKWARD_COST * n_classes

@@ -26,11 +26,15 @@ adding one class here and listing it in :data:`ONNX_GATES`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from ..gates import gate_named
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import GraphInfo
@@ -248,21 +252,14 @@ def pool_geometry(node: NodeProto, z_shape: tuple[int, ...], y_shape: tuple[int,
 
 def window_ties(z: np.ndarray, idx: np.ndarray, y: np.ndarray, kernel: list[int], strides: list[int],
                 begin: list[int], dilations: list[int]) -> int:
-    """Windows in which a member other than the switch equals the max (as :mod:`reconviz.gates`
-    counts MaxPool ties). ``idx`` is MaxPool's Indices, flat over the whole (N, C, *spatial) z."""
-    n, c, *space = z.shape
-    zf, yf = z.reshape(n, c, -1), y.reshape(n, c, -1)
-    switch = idx.reshape(n, c, -1) % zf.shape[-1]
-    tied = np.zeros(switch.shape, dtype=bool)
-    for offset in np.ndindex(*kernel):  # one kernel member of every window at a time
-        flat, valid = np.zeros((), np.int64), np.ones((), bool)
-        for j, size, o, s, p, d in zip(offset, space, y.shape[2:], strides, begin, dilations):
-            pos = np.arange(o) * s - p + j * d
-            flat = np.add.outer(flat * size, np.clip(pos, 0, size - 1))
-            valid = np.logical_and.outer(valid, (pos >= 0) & (pos < size))
-        flat, valid = flat.reshape(-1), valid.reshape(-1)
-        tied |= valid & (flat != switch) & (zf[:, :, flat] == yf)
-    return int(tied.sum())
+    """Windows in which a member other than the switch equals the max, counted by the torch
+    path's pairwise rule (:meth:`reconviz.gates.MaxPoolGate.pairwise_ties`). ``idx`` is
+    MaxPool's Indices, flat over the whole (N, C, *spatial) z."""
+    space = tuple(z.shape[2:])
+    switch = idx % math.prod(space)  # (N, C, *out spatial), flat within each (sample, channel)
+    p = {"k": len(space), "adaptive": False, "kernel_size": tuple(kernel), "stride": tuple(strides),
+         "padding": tuple(begin), "dilation": tuple(dilations), "in_spatial": space}
+    return gate_named("max_pool").pairwise_ties(torch.from_numpy(z), torch.from_numpy(switch), p)
 
 
 class GlobalMaxPool(OnnxGate):
