@@ -17,7 +17,7 @@ from .errors import (
     TrainingModeWarning,
     UnsupportedOperationError,
 )
-from .gates import GATES, Gate, Prior, register_gate
+from .ops.gates import GATES, Gate, Prior, register_gate
 from .linearize import LinearizedModel, linearize
 from .pipeline import reconstruct
 from .radius import Radius, certified_radius

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -28,6 +29,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .errors import ReconvizError
+
 __all__ = ["main", "UsageError"]
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -35,7 +38,7 @@ REC_NAME = "reconstruction.npz"
 MAX_FIGURE_PROBES = 16
 
 
-class UsageError(Exception):
+class UsageError(ReconvizError):
     """A mistake of the caller (option, file, architecture): exit code 2, one line."""
 
 
@@ -233,12 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _classify(e: BaseException) -> tuple[int, str]:
-    from .errors import ExactnessError, ReconvizError
+    from .errors import ExactnessError
 
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, ExactnessError):
         return EXIT_FAIL, text
-    if isinstance(e, (UsageError, ReconvizError)):
+    if isinstance(e, ReconvizError):  # UsageError included
         return EXIT_USAGE, text
     if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
         return EXIT_USAGE, f"{e.strerror or type(e).__name__}: {e.filename}"
@@ -648,11 +651,12 @@ def model_logits(loaded: LoadedModel, x: Any, output: Any, workdir: Path, tensor
     import torch
 
     if loaded.kind == "torch":
-        from .probe import select_output, working_copy
+        from .probe import working_copy
+        from .verify import run_model
 
         work = working_copy(loaded.module, torch.float64, x.device)
         with torch.no_grad():
-            return select_output(work(x.to(torch.float64)), output, x.shape[0])
+            return run_model(work, x.to(torch.float64), output)
     return _onnx_forward(_onnx_file(loaded, x, workdir), x, tensor)
 
 
@@ -685,10 +689,9 @@ def _verify(loaded: LoadedModel, rec: Any, x: Any, args: argparse.Namespace, nam
             workdir: Path, tolerance: float | None = None) -> Any:
     from . import verify
 
-    if loaded.kind == "torch":
-        output = _output_selector(args.output)
+    if loaded.kind == "torch":  # verify falls back to rec's output selector
         return verify(loaded.module, rec, x, tolerance=tolerance, backend=args.backend,
-                      output=output if output is not None else rec.meta.get("output"), class_names=names)
+                      output=_output_selector(args.output), class_names=names)
     if args.backend != "torch":
         raise UsageError(f"--backend applies to PyTorch models; the {loaded.describe()} is verified "
                          "with onnxruntime")
@@ -699,12 +702,12 @@ def _verify_external(loaded: LoadedModel, rec: Any, x: Any, names: list[str] | N
                      tolerance: float | None) -> Any:
     """The Table 1 view for a model only onnxruntime can run (ONNX, TorchScript)."""
     from .reconstruction import relative_error
-    from .verify import Comparison, VerificationReport
+    from .verify import Comparison, VerificationReport, class_columns
 
-    x = rec.probes if x is None else x
+    x = rec.probes if x is None else rec.check_input(x)
     x = x.to(rec.weight.dtype)
     tensor = rec.meta.get("logits_tensor")  # the logits reconviz.onnx reconstructed (before a final Softmax)
-    original = model_logits(loaded, x, None, workdir, tensor)[:, rec.classes.cpu()].to(rec.weight.dtype)
+    original = class_columns(model_logits(loaded, x, None, workdir, tensor), rec.classes.cpu()).to(rec.weight.dtype)
     rebuilt = rec(x)
     tol = rec.tolerance if tolerance is None else tolerance
     a, b = "reconstructed (torch)", "original (onnxruntime)"
@@ -716,6 +719,7 @@ def _verify_external(loaded: LoadedModel, rec: Any, x: Any, names: list[str] | N
         dtype=str(rec.weight.dtype).replace("torch.", ""),
         exactness=rec.exactness,
         class_names=names,
+        self_checks=rec.self_checks,
     )
     report.notes.append(f"{loaded.describe()} run by onnxruntime in float32; W vs Jacobian and the "
                         "certified radius need a PyTorch model (--arch + state_dict)")
@@ -783,14 +787,17 @@ def _print_written(paths: Sequence[Path], out: Path) -> None:
         print(f"  {p}")
 
 
-def _out_dir(text: str) -> Path:
+def _out_dir(text: str | Path) -> Path:
+    """The output folder, created and checked writable (before any work is done)."""
     out = Path(text)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+        raise UsageError(f"--out {out} exists and is not a folder: choose a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as e:
-        raise UsageError(f"cannot create output folder {out}: {e.strerror or e}") from e
+        raise UsageError(f"cannot write to the output folder {out}: {e.strerror or e}; choose a writable --out") from e
     return out
 
 
@@ -921,42 +928,63 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     rec = load_reconstruction(args.rec)
     loaded = load_model(args.model, args)
-    cli_meta = rec.meta.get("cli") or {}
+    out = _out_dir(args.out) if args.out else None
     x = None
     if args.inputs:
-        x = load_inputs(args.inputs, preprocessing(args, cli_meta.get("preprocess")))
+        x = load_inputs(args.inputs, preprocessing(args, recorded_preprocessing(rec, args.rec)))
     names = parse_class_names(args.class_names) or rec.meta.get("class_names")
     _check_names(names, rec.classes.tolist())
-    workdir = Path(args.out) if args.out else Path(args.rec).resolve().parent
-    if loaded.kind == "torchscript" and not args.out:
-        import tempfile
-
+    workdir = out or Path(args.rec).resolve().parent
+    if loaded.kind == "torchscript" and out is None:
         workdir = Path(tempfile.mkdtemp(prefix="reconviz-"))
     report = _verify(loaded, rec, x, args, names, workdir, tolerance=args.tolerance)
     where = "the stored probes" if x is None else f"{x.shape[0]} input(s)"
     print(f"verifying {args.rec} ({rec.n_probes} probe(s), {rec.n_classes} class(es), {rec.exactness}) "
           f"against the {loaded.describe()} {args.model} at {where}\n")
     print(report)
-    if args.out:
-        out = _out_dir(args.out)
+    if out is not None:
         _print_written(_write_report(report, out), out)
     return EXIT_PASS if report.ok else EXIT_FAIL
 
 
 def load_reconstruction(path_text: str) -> Any:
-    """Reconstruction.load, with a clear error for files that are not .npz archives."""
+    """Reconstruction.load (an InputError names the file and what is wrong with it)."""
     from .reconstruction import Reconstruction
 
-    path = _existing_file(path_text, "reconstruction")
-    if not zipfile.is_zipfile(path):
-        raise UsageError(f"{path} is not a reconstruction (a .npz file written by reconviz)")
-    return Reconstruction.load(path)
+    return Reconstruction.load(_existing_file(path_text, "reconstruction"))
+
+
+def _flag(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_RECORDED: dict[str, Callable[[Any], bool]] = {  # preprocessing option -> test of its recorded value
+    "size": lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and _finite(n) and n >= 1
+                                                                  for n in v),
+    "grayscale": _flag, "rgb": _flag, "npy_batch": _flag,
+    "scale": lambda v: _finite(v) and v != 0,
+    "mean": lambda v: isinstance(v, list) and bool(v) and all(map(_finite, v)),
+    "std": lambda v: isinstance(v, list) and bool(v) and all(map(_finite, v)),
+}
+
+
+def recorded_preprocessing(rec: Any, path: str) -> dict:
+    """The preprocessing 'reconviz reconstruct' recorded in ``rec`` (UsageError when it is not valid)."""
+    pre = (rec.meta.get("cli") or {}).get("preprocess") or {}
+    bad = [k for k, ok in _RECORDED.items() if k in pre and not ok(pre[k])] if isinstance(pre, dict) else ["all"]
+    if bad:
+        raise UsageError(f"{path}: the recorded preprocessing is not valid ({', '.join(bad)}); re-create the "
+                         "reconstruction with 'reconviz reconstruct'")
+    return pre
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     rec = load_reconstruction(args.rec)
-    rec_path = Path(args.rec)
-    out = _out_dir(args.out) if args.out else rec_path.resolve().parent
+    out = _out_dir(args.out or Path(args.rec).resolve().parent)
     names = parse_class_names(args.class_names) or rec.meta.get("class_names")
     _check_names(names, rec.classes.tolist())
     probes = _figure_probes(rec.n_probes, args.probe)

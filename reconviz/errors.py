@@ -21,13 +21,14 @@ class InputError(ReconvizError, ValueError):
 class UnsupportedOperationError(ReconvizError):
     """The model calls an operation that cannot be frozen into an affine map.
 
-    Attributes: ``operation`` (its name) and ``module_path`` (the dotted path of
-    the module whose forward called it, ``""`` for the top level).
+    Attributes: ``operation`` (its name), ``module_path`` (the dotted path of
+    the module whose forward called it, ``""`` for the top level) and ``advice``.
     """
 
     def __init__(self, operation: str, module_path: str, advice: str):
         self.operation = operation
         self.module_path = module_path
+        self.advice = advice
         where = f"in module '{module_path}'" if module_path else "in the model's top-level forward"
         super().__init__(f"cannot freeze operation '{operation}' called {where}: {advice}")
 

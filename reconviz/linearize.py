@@ -16,8 +16,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import InputError, ReplayMismatchError
-from .gates import Call, Gate, Prior, gate_named, op_name
-from .probe import GateMode, OutputSelector, Probe, probe, select_output
+from .ops.base import op_name
+from .ops.gates import Call, Gate, Prior, gate_named
+from .probe import GateMode, OutputSelector, Probe, Recording, probe, record, select_output
 
 __all__ = ["LinearizedModel", "linearize", "ReplayMode"]
 
@@ -47,9 +48,11 @@ class ReplayMode(GateMode):
                 f"'{prior.module_path}', got '{op_name(call.func)}' in module '{path}'. The model's "
                 "control flow depends on its input"
             )
-        if self.observer is not None:
-            self.observer(self.i, gate, prior, call.z)
         self.i += 1
+        if prior.constant:  # the gate saw a constant at the probe (F.relu(self.scale))
+            return call.original()
+        if self.observer is not None:
+            self.observer(self.i - 1, gate, prior, call.z)
         return gate.apply(prior, call)
 
     def finish(self) -> None:
@@ -100,7 +103,8 @@ class LinearizedModel(nn.Module):
         """``region-exact`` when every frozen gate is piecewise linear (g = f on the probe's
         linear region); ``point-exact`` when any smooth gate was frozen at the probe
         (g = f at x0 only, and W is not the Jacobian)."""
-        return "region-exact" if all(gate_named(p.gate).region_exact for p in self.priors) else "point-exact"
+        gated = (gate_named(p.gate) for p in self.priors if not p.constant)
+        return "region-exact" if all(g.region_exact for g in gated) else "point-exact"
 
     @property
     def n_outputs(self) -> int:
@@ -108,7 +112,7 @@ class LinearizedModel(nn.Module):
 
     def gate_counts(self) -> dict[str, int]:
         """Number of gated calls per gate type, e.g. ``{'relu': 4, 'max_pool': 2}``."""
-        return dict(Counter(p.gate for p in self.priors))
+        return dict(Counter(p.gate for p in self.priors if not p.constant))
 
     def extra_repr(self) -> str:
         return (
@@ -138,6 +142,14 @@ class LinearizedModel(nn.Module):
         return graph
 
     # running --------------------------------------------------------------
+    def record_at(self, x: Tensor) -> Recording:
+        """The *model* (not g) at ``x`` (N, ...): its outputs and the choices its gates make there."""
+        return record(self.work, self._check(x), self.output)
+
+    def same_region(self, priors: list[Prior]) -> bool:
+        """True when ``priors`` (from :meth:`record_at`) make every choice the probe made."""
+        return len(priors) == len(self.priors) and all(_same_prior(a, b) for a, b in zip(priors, self.priors))
+
     def forward(self, x: Tensor, observer: Observer | None = None) -> Tensor:
         x = self._check(x)
         mode = ReplayMode(self.work, self.priors, observer)
@@ -166,6 +178,12 @@ class LinearizedModel(nn.Module):
         return x.clone() if y is x else y
 
 
+def _same_prior(a: Prior, b: Prior) -> bool:
+    if (a.gate, a.op, a.module_path, a.constant, a.shape) != (b.gate, b.op, b.module_path, b.constant, b.shape):
+        return False
+    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
 def linearize(
     model: nn.Module,
     x: Tensor,
@@ -173,16 +191,20 @@ def linearize(
     dtype: torch.dtype = torch.float64,
     output: OutputSelector = None,
     keep_graph: bool = False,
+    keep_hooks: bool = False,
 ) -> LinearizedModel:
     """Probe ``model`` at ``x`` (N, ...) and return the network with its gates frozen.
 
     ``keep_graph``: keep the probe pass's autograd graph for one reverse-mode solve
-    (:meth:`LinearizedModel.take_graph`).
+    (:meth:`LinearizedModel.take_graph`). ``keep_hooks``: run the model's own forward
+    hooks on reconviz's copy (by default the copy has none).
 
     >>> lin = linearize(model, x)      # doctest: +SKIP
     >>> torch.allclose(lin(x), model(x).double())   # g(x0) = f(x0)   # doctest: +SKIP
     """
-    return LinearizedModel(probe(model, x, dtype=dtype, output=output, keep_graph=keep_graph))
+    return LinearizedModel(
+        probe(model, x, dtype=dtype, output=output, keep_graph=keep_graph, keep_hooks=keep_hooks)
+    )
 
 
 def as_linearized(model_or_lin: nn.Module, x: Tensor | None, **kw: Any) -> LinearizedModel:

@@ -15,6 +15,7 @@ from .errors import InputError
 from .linearize import LinearizedModel, as_linearized
 from .probe import OutputSelector
 from .reconstruction import Reconstruction, tolerance_for
+from .selfcheck import SelfCheck, affinity_point, compare_outputs, raise_if_failed
 from .solve import (
     METHODS,
     WeightSink,
@@ -44,6 +45,7 @@ def reconstruct(
     max_memory: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool | None = None,
+    keep_hooks: bool = False,
 ) -> Reconstruction:
     """Reconstruct the exact affine model ``f(x) = W x + b`` of ``model`` at each probe.
 
@@ -76,17 +78,21 @@ def reconstruct(
             default a streamed W goes to an unlinked temporary file (folder:
             ``$RECONVIZ_TMPDIR`` or the system's temporary folder).
         progress: show a progress bar (default: on a terminal, for long solves).
+        keep_hooks: run the model's own forward hooks on reconviz's copy (default:
+            the copy has none, so a hook cannot change your objects).
 
     Returns:
         A :class:`Reconstruction` whose ``meta`` records the measured error at
-        the probes. Raises :class:`~reconviz.ExactnessError` if that error exceeds
-        the tolerance of ``dtype``.
+        the probes and the self-checks (``meta["self_checks"]``: affinity of the
+        linearized network at a random point, and the model itself at a point
+        inside the probe's region). Raises :class:`~reconviz.ExactnessError` if
+        any of them exceeds the tolerance of ``dtype``.
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     check_options(basis, chunk_size)
     start = time.perf_counter()
-    lin = as_linearized(model, x, dtype=dtype, output=output, keep_graph=method != "basis")
+    lin = as_linearized(model, x, dtype=dtype, output=output, keep_graph=method != "basis", keep_hooks=keep_hooks)
     probed = time.perf_counter()
     cls = resolve_classes(classes, lin.n_outputs, lin.probes.device)
     plan = plan_memory(lin, len(cls), max_memory, out)
@@ -121,7 +127,49 @@ def reconstruct(
         meta=meta,
         mapped=sink.mapped,
     )
+    rec.meta["self_checks"] = [c.to_dict() for c in self_checks(lin, rec, seed)]
     return checked(rec, start, probed, solved)
+
+
+def self_checks(lin: LinearizedModel, rec: Reconstruction, seed: int = 0) -> list[SelfCheck]:
+    """The affinity and region self-checks of ``rec`` (see :mod:`reconviz.selfcheck`);
+    ExactnessError naming the one that fails."""
+    x = affinity_point(lin.probes, seed)
+    with torch.no_grad():
+        g = lin(x)[:, rec.classes]
+    checks = [compare_outputs("affinity", rec(x), g, rec.tolerance,
+                              "g(x0 + d) vs W (x0 + d) + b, d random at the probe's scale")]
+    checks.append(region_check(lin, rec, seed))
+    raise_if_failed(checks)
+    return checks
+
+
+REGION_STEPS = (1e-3, 1e-6)  # relative sizes of the steps tried for the region check
+
+
+def region_check(lin: LinearizedModel, rec: Reconstruction, seed: int = 0) -> SelfCheck:
+    """f(x0 + d) vs W (x0 + d) + b at a step d after which every gate still makes the probe's
+    choice (checked by recording the model there). Steps tried: along x0 itself (keeps exact
+    zeros, the usual source of ties), then along a random direction, each at REGION_STEPS."""
+    if lin.exactness != "region-exact":
+        return SelfCheck("region", None, None, rec.tolerance, "point-exact: gates frozen at their values, no region")
+    x0 = lin.probes
+    directions = (x0, affinity_point(torch.zeros_like(x0), seed + 1))
+    for d in directions:
+        scale = x0.flatten(1).abs().amax(1).clamp_min(1.0).reshape((-1,) + (1,) * (x0.dim() - 1))
+        unit = d / d.flatten(1).abs().amax(1).clamp_min(1e-300).reshape(scale.shape)
+        for step in REGION_STEPS:
+            x = x0 + step * scale * unit
+            if torch.equal(x, x0):
+                continue
+            found = lin.record_at(x)
+            if lin.same_region(found.priors):
+                f = found.outputs.detach()[:, rec.classes]
+                return compare_outputs("region", rec(x), f, rec.tolerance,
+                                       f"f(x0 + d) vs W (x0 + d) + b, |d|_inf = {step:g} x max(1, |x0|_inf), "
+                                       "every gate making the probe's choice there")
+    return SelfCheck("region", None, None, rec.tolerance, "every step tried changed a gate's choice: the "
+                     "probe lies on a region boundary (ties; certified radius 0)")
 
 
 def check_options(basis: str | Basis, chunk_size: int | None) -> None:

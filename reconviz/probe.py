@@ -25,9 +25,11 @@ from torch.overrides import TorchFunctionMode
 
 from . import affine
 from .errors import InputError, TrainingModeWarning, UnsupportedOperationError
-from .gates import Call, Gate, Prior, gate_for, gate_named, op_name
+from .ops import check_call, check_result, input_dependent
+from .ops.base import op_name, tensors_in
+from .ops.gates import Call, Gate, Prior, gate_for, gate_named
 
-__all__ = ["Probe", "probe", "check_model", "eval_copy", "working_copy", "select_output", "check_probe_input"]
+__all__ = ["Probe", "probe", "record", "Recording", "check_dtype", "check_model", "eval_copy", "working_copy", "select_output", "check_probe_input"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
@@ -46,35 +48,70 @@ def check_model(model: Any) -> nn.Module:
             "TorchScript modules run outside Python, so their gates cannot be intercepted: "
             "pass the original nn.Module, or export it to ONNX and use reconviz.onnx.reconstruct"
         )
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise InputError(
+            "the model has parameters or buffers on the meta device (shapes without data): load its "
+            "weights first (model.to_empty(device='cpu') then model.load_state_dict(...))"
+        )
     return model
 
 
-def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, stacklevel: int = 3) -> nn.Module:
+def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, stacklevel: int = 3,
+              keep_hooks: bool = False) -> nn.Module:
     """A deep copy of ``model`` in eval mode, in ``dtype`` on ``device``, with frozen parameters.
 
     The user's model is only read (``copy.deepcopy``). Warns with
-    :class:`TrainingModeWarning` when it is in training mode. Every entry point
-    of reconviz (reconstruction, verification, the saliency methods and the
-    metrics) works on such a copy.
+    :class:`TrainingModeWarning` when it, or any submodule, is in training mode.
+    The copy carries none of the model's forward and backward hooks (a hook that
+    writes into the user's objects would change them), unless ``keep_hooks``.
+    Every entry point of reconviz (reconstruction, verification, the saliency
+    methods and the metrics) works on such a copy.
     """
     check_model(model)
-    if model.training:
-        warnings.warn(
-            f"{type(model).__name__} is in training mode; reconviz works on an eval-mode copy "
-            "(BatchNorm uses running statistics, Dropout is off). Call model.eval() to silence this.",
-            TrainingModeWarning,
-            stacklevel=stacklevel,
-        )
+    _warn_training(model, stacklevel + 1)
     # parameters and buffers enter the copy already cast (deepcopy's memo): no float32 copy
     # made only to be cast; .to() then handles anything a module's own _apply converts
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         cast = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
         memo[id(t)] = _as_parameter(t, cast) if isinstance(t, nn.Parameter) else cast
+    if not keep_hooks:
+        for m in model.modules():
+            for name in _HOOK_DICTS:
+                hooks = getattr(m, name, None)
+                if hooks is not None:
+                    memo[id(hooks)] = type(hooks)()
     work = copy.deepcopy(model, memo).eval().to(device=device, dtype=dtype)
     for p in work.parameters():
         p.requires_grad_(False)
     return work
+
+
+# the hooks that run in a forward or backward pass: left off the copy unless keep_hooks
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+def _warn_training(model: nn.Module, stacklevel: int) -> None:
+    """TrainingModeWarning when the model or any submodule is in training mode."""
+    training = [name for name, m in model.named_modules() if m.training and name]
+    if model.training:
+        what = f"{type(model).__name__} is in training mode"
+    elif training:
+        shown = ", ".join(f"'{n}'" for n in training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        what = (f"{type(model).__name__} is in eval mode, but its submodule(s) {shown} are in training "
+                "mode")
+    else:
+        return
+    warnings.warn(
+        f"{what}; reconviz works on an eval-mode copy (every module in eval mode: BatchNorm uses "
+        "running statistics, Dropout is off), so its logits are what the model returns after model.eval(). "
+        "Call model.eval() to silence this.",
+        TrainingModeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _as_parameter(original: nn.Parameter, cast: Tensor) -> nn.Parameter:
@@ -85,12 +122,13 @@ def _as_parameter(original: nn.Parameter, cast: Tensor) -> nn.Parameter:
         return nn.Parameter(cast, requires_grad=False)
 
 
-def working_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def working_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *,
+                 keep_hooks: bool = False) -> nn.Module:
     """:func:`eval_copy` plus the module-path tracker the gate modes use in their messages.
 
     Warns with :class:`TrainingModeWarning` when the user's model is in training mode.
     """
-    work = eval_copy(model, dtype, device, stacklevel=4)
+    work = eval_copy(model, dtype, device, stacklevel=4, keep_hooks=keep_hooks)
     _install_tracker(work)
     return work
 
@@ -121,118 +159,12 @@ def current_path(work: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------
-# Ops refused because they are not affine (and not a known gate)
-# --------------------------------------------------------------------------
-
-_SMOOTH = (
-    "sigmoid tanh gelu silu mish elu selu celu softplus softsign hardswish hardsigmoid logsigmoid "
-    "tanhshrink softshrink hardshrink rrelu glu erf erfc exp exp2 expm1 log log2 log10 log1p sqrt "
-    "rsqrt reciprocal pow square sin cos tan atan"
-).split()
-_NORM = "layer_norm group_norm instance_norm local_response_norm normalize rms_norm".split()
-_SELECT = (
-    "softmax log_softmax softmin abs sign sgn max min amax amin maximum minimum fmax fmin sort topk "
-    "argmax argmin median norm std var logsumexp cumprod prod floor ceil round trunc frac where "
-    "masked_fill scaled_dot_product_attention"
-).split()
-
-_ADVICE = {
-    **{n: "it is a smooth non-linearity, not piecewise linear, so no region-exact linear model "
-          "exists; replace it by a ReLU-family activation or reconstruct the part of the network "
-          "before it" for n in _SMOOTH},
-    **{n: "normalization divides by an input-dependent statistic, which is not affine; use "
-          "BatchNorm (affine in eval mode) or reconstruct a sub-network without it" for n in _NORM},
-    **{n: "its result depends on the input in a way reconviz cannot freeze; use nn.MaxPool / "
-          "nn.AdaptiveMaxPool / ReLU-family modules, or select the logits before it with output=..."
-       for n in _SELECT},
-}
-
-
-def _build_refusals() -> dict[Any, str]:
-    table: dict[Any, str] = {}
-    for name in _ADVICE:
-        for space in (torch, torch.Tensor, F, torch.special, torch.linalg):
-            for n in (name, name + "_"):
-                f = getattr(space, n, None)
-                if callable(f):
-                    table.setdefault(f, name)
-    return table
-
-
-_REFUSED = _build_refusals()
-_PRODUCTS = {
-    torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__,
-    torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, Tensor.mm,
-    torch.bmm, Tensor.bmm, torch.einsum, F.bilinear, torch.outer, torch.kron,
-}
-_DIVISIONS = {torch.div, Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__, torch.true_divide}
-
-
-def _tensors_in(args: Any) -> list[Tensor]:
-    if isinstance(args, Tensor):
-        return [args]
-    if isinstance(args, (list, tuple)):
-        return [t for a in args for t in _tensors_in(a)]
-    return []
-
-
-def refuse_if_not_affine(func: Callable, args: tuple, kwargs: dict, path: str) -> None:
-    """Raise UnsupportedOperationError for an op that is not affine in the input.
-
-    Input dependence is read from ``requires_grad``: during the probe only the
-    input requires grad, so a product of two tensors that both require grad is a
-    product of two input-dependent tensors (x * x, attention scores, SE gating).
-    """
-    if not _hashable(func):
-        return
-    name = _REFUSED.get(func)
-    if name is not None:
-        raise UnsupportedOperationError(op_name(func), path, _ADVICE[name])
-    if func in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout) and _arg_true(
-        args, kwargs, 2, "training", func is not F.alpha_dropout
-    ):
-        raise UnsupportedOperationError(
-            op_name(func), path, "functional dropout called with training=True is random; "
-            "pass training=self.training so the eval-mode copy disables it"
-        )
-    if func is F.batch_norm and _arg_true(args, kwargs, 5, "training", False):
-        raise UnsupportedOperationError(
-            "batch_norm", path, "batch norm with training=True normalizes by batch statistics; "
-            "pass training=self.training (reconviz reconstructs the eval-mode model)"
-        )
-    if func in _PRODUCTS and sum(t.requires_grad for t in _tensors_in((args, kwargs.values()))) >= 2:
-        raise UnsupportedOperationError(
-            op_name(func), path, "it multiplies two input-dependent tensors (a bilinear op, e.g. "
-            "x * x, attention or squeeze-excitation gating), which is not affine in the input"
-        )
-    if func in _DIVISIONS or func is Tensor.__rtruediv__:
-        divisor = args[0] if func is Tensor.__rtruediv__ else (args[1] if len(args) > 1 else None)
-        if isinstance(divisor, Tensor) and divisor.requires_grad:
-            raise UnsupportedOperationError(
-                op_name(func), path, "it divides by an input-dependent tensor, which is not affine"
-            )
-
-
-def _hashable(f: Any) -> bool:
-    try:
-        hash(f)
-        return True
-    except TypeError:
-        return False
-
-
-def _arg_true(args: tuple, kwargs: dict, i: int, name: str, default: bool) -> bool:
-    v = args[i] if len(args) > i else kwargs.get(name, default)
-    return bool(v)
-
-
-# --------------------------------------------------------------------------
 # The modes: shared dispatch, record at the probe
 # --------------------------------------------------------------------------
 
 
 class GateMode(TorchFunctionMode):
-    """Routes gated calls to :meth:`on_gate`; everything else runs unchanged."""
+    """Routes gated calls to :meth:`on_gate`; everything else to :meth:`on_other`."""
 
     def __init__(self, work: nn.Module):
         super().__init__()
@@ -242,21 +174,28 @@ class GateMode(TorchFunctionMode):
         kwargs = kwargs or {}
         gate = gate_for(func)
         if gate is None:
-            self.on_other(func, args, kwargs)
-            return affine.call(func, args, kwargs)
-        call = gate.parse(func, args, kwargs)
+            return self.on_other(func, args, kwargs)
+        path = current_path(self.work)
+        try:
+            call = gate.parse(func, args, kwargs)
+        except UnsupportedOperationError as e:  # a gate that refuses these arguments
+            raise UnsupportedOperationError(e.operation, e.module_path or path, e.advice) from None
         call.args, call.kwargs = args, kwargs
-        return self.on_gate(gate, call, current_path(self.work))
+        return self.on_gate(gate, call, path)
 
-    def on_other(self, func: Callable, args: tuple, kwargs: dict) -> None:
-        pass
+    def on_other(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A call that is not a gate: run as written (through its lean form, if any)."""
+        return affine.call(func, args, kwargs)
 
     def on_gate(self, gate: Gate, call: Call, path: str) -> Any:
         raise NotImplementedError
 
 
 class RecordMode(GateMode):
-    """Runs gates as written and records their priors (stage 1)."""
+    """Runs the model once at the probe (stage 1): classifies every call through the op
+    registry (:mod:`reconviz.ops`: refused ones raise) and records every gate's prior.
+
+    Input dependence is read from ``requires_grad``: only the probe input requires grad."""
 
     def __init__(self, work: nn.Module, n: int):
         super().__init__(work)
@@ -266,29 +205,65 @@ class RecordMode(GateMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = super().__torch_function__(func, types, args, kwargs)
-        for t in _tensors_in(out):
+        for t in tensors_in(out):
             self.activation_bytes += t.numel() * t.element_size()
         return out
 
     def on_other(self, func, args, kwargs):
-        refuse_if_not_affine(func, args, kwargs, current_path(self.work))
+        path = current_path(self.work)
+        op = check_call(func, args, kwargs, path)
+        out = super().on_other(func, args, kwargs)
+        if op is not None:
+            check_result(op, func, args, out, path)
+        return out
 
     def on_gate(self, gate, call, path):
-        if any(isinstance(v, Tensor) and v.requires_grad for v in call.params.values()):
+        if not input_dependent(call.z):  # F.relu(self.scale): a constant, replayed as written
+            self.priors.append(self._prior(gate, call, path, {}, {}, 0, constant=True))
+            return call.original()
+        if input_dependent(call.params):
             raise UnsupportedOperationError(
                 op_name(call.func), path, "its bound or slope depends on the input (e.g. clamp(z, min=x)), "
                 "so freezing it as a constant would not be the model; compute it from parameters only"
             )
-        shape = tuple(call.z.shape)
+        expected = _reference(call)
         out, tensors, params, ties = gate.record(call, self.n)
-        self.priors.append(
-            Prior(
-                gate=gate.name, op=op_name(call.func), module_path=path, shape=shape,
-                batched=len(shape) > 0 and shape[0] == self.n,
-                tensors={k: v.detach() for k, v in tensors.items()}, params=params, ties=ties,
-            )
-        )
+        _check_frozen(call, out, expected, path)
+        self.priors.append(self._prior(gate, call, path, tensors, params, ties))
         return out
+
+    def _prior(self, gate: Gate, call: Call, path: str, tensors: dict, params: dict, ties: int,
+               constant: bool = False) -> Prior:
+        shape = tuple(call.z.shape)
+        return Prior(
+            gate=gate.name, op=op_name(call.func), module_path=path, shape=shape,
+            batched=len(shape) > 0 and shape[0] == self.n and not constant,
+            tensors={k: v.detach() for k, v in tensors.items()}, params=params, ties=ties, constant=constant,
+        )
+
+
+def _reference(call: Call) -> Any:
+    """The op's own output at the probe, computed on a copy of z (an in-place op keeps z)."""
+    z = call.z
+    copy_ = z.detach().clone()
+    args = tuple(copy_ if a is z else a for a in call.args)
+    kwargs = {k: (copy_ if v is z else v) for k, v in call.kwargs.items()}
+    with torch.no_grad():
+        return call.func(*args, **kwargs)
+
+
+def _check_frozen(call: Call, out: Any, expected: Any, path: str) -> None:
+    """UnsupportedOperationError unless the frozen form equals the op at the probe, value for value
+    (e.g. clamp with min > max, whose frozen form would not be the op)."""
+    got, ref = list(tensors_in(out)), list(tensors_in(expected))
+    same = len(got) == len(ref) and all(
+        g.shape == r.shape and torch.equal(g.detach(), r.to(g.dtype)) for g, r in zip(got, ref)
+    )
+    if not same:
+        raise UnsupportedOperationError(
+            op_name(call.func), path, "its frozen form differs from the op's own output at the probe, so "
+            "freezing it would not be the model (e.g. clamp or hardtanh with min > max); check its arguments"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -325,6 +300,8 @@ def check_probe_input(x: Any, dtype: torch.dtype | None = None) -> Tensor:
         )
     if x.shape[0] < 1:
         raise InputError("x is an empty batch: give at least one probe (N >= 1)")
+    if x.is_meta:
+        raise InputError("x is on the meta device (a shape without data): give a tensor with values")
     if not (x.is_floating_point() or x.is_complex()) and dtype is None:
         raise InputError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.is_complex():
@@ -371,17 +348,39 @@ def probe(
     dtype: torch.dtype = torch.float64,
     output: OutputSelector = None,
     keep_graph: bool = False,
+    keep_hooks: bool = False,
 ) -> Probe:
     """Run ``model`` once on the probe batch ``x`` (N, ...) and record the priors.
 
     Piecewise-linear gates continue the pass with their frozen form (the same values),
     so the pass is g's forward at x0; ``keep_graph=True`` keeps its autograd graph in
-    ``Probe.graph`` for a reverse-mode solve (when every gate recorded frozen)."""
+    ``Probe.graph`` for a reverse-mode solve (when every gate recorded frozen).
+    ``keep_hooks``: run the model's own forward hooks on the copy (default: left off)."""
     x = check_probe_input(x)
-    work = working_copy(model, dtype, x.device)
+    check_dtype(dtype)
+    work = working_copy(model, dtype, x.device, keep_hooks=keep_hooks)
     xw = x.to(dtype)
-    mode = RecordMode(work, n=xw.shape[0])
-    with _probe_grad(xw) as xg, warnings.catch_warnings():
+    rec = record(work, xw, output)
+    frozen = all(gate_named(p.gate).records_frozen for p in rec.priors if not p.constant)
+    graph = (rec.x, rec.outputs) if keep_graph and frozen and rec.outputs.requires_grad else None
+    return Probe(work, xw, rec.priors, rec.outputs.detach(), output, rec.activation_bytes, graph)
+
+
+@dataclass
+class Recording:
+    """One recorded pass: the input leaf, the selected outputs (with their graph), the priors."""
+
+    x: Tensor
+    outputs: Tensor
+    priors: list[Prior]
+    activation_bytes: int
+
+
+def record(work: nn.Module, x: Tensor, output: OutputSelector) -> Recording:
+    """Run the working copy once at ``x`` under :class:`RecordMode` (every call classified,
+    every gate's prior recorded)."""
+    mode = RecordMode(work, n=x.shape[0])
+    with _probe_grad(x) as xg, warnings.catch_warnings():
         # the probe input requires grad (to detect input-dependent products); that is ours
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
         try:
@@ -396,7 +395,13 @@ def probe(
             ) from e
         finally:
             work._reconviz_stack.clear()  # type: ignore[attr-defined]
-        selected = select_output(raw, output, xw.shape[0])
-    frozen = all(gate_named(p.gate).records_frozen for p in mode.priors)
-    graph = (xg, selected) if keep_graph and frozen and selected.requires_grad else None
-    return Probe(work, xw, mode.priors, selected.detach(), output, mode.activation_bytes, graph)
+        selected = select_output(raw, output, x.shape[0])
+    return Recording(xg, selected, mode.priors, mode.activation_bytes)
+
+
+def check_dtype(dtype: Any) -> torch.dtype:
+    """``dtype`` if it is a floating-point torch dtype; InputError otherwise."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating-point torch.dtype (torch.float64 for the 1e-9 "
+                         f"contract, torch.float32 for 1e-4), got {dtype!r}")
+    return dtype

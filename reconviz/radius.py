@@ -24,6 +24,7 @@ from torch import Tensor
 from .basis import make_basis
 from .gates import Gate, Prior
 from .linearize import LinearizedModel, as_linearized
+from .probe import OutputSelector
 from .solve import basis_chunk, sample_size, sweep
 
 __all__ = ["Radius", "certified_radius", "boundary_direction"]
@@ -85,11 +86,14 @@ def certified_radius(
     dtype: torch.dtype = torch.float64,
     chunk_size: int | None = None,
     progress: bool | None = None,
+    output: OutputSelector = None,
 ) -> Radius:
     """L2 and L-inf radius of the linear region around each probe (costs D forward passes).
 
-    A point-exact linearization (a smooth gate frozen at the probe) has no region: radius 0."""
-    lin = as_linearized(model, x, dtype=dtype)
+    ``output`` selects the logits of a model returning a tuple or dict (as for
+    :func:`~reconviz.reconstruct`; a LinearizedModel keeps its own). A point-exact
+    linearization (a smooth gate frozen at the probe) has no region: radius 0."""
+    lin = as_linearized(model, x, dtype=dtype, output=output)
     if lin.exactness == "point-exact":
         zero = torch.zeros(lin.n_probes, dtype=lin.dtype)
         return Radius(zero, zero.clone(), ties=0, equalities=0, nearest=[None] * lin.n_probes)

@@ -21,15 +21,17 @@ import os
 import tempfile
 import weakref
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import ExactnessError, InputError
+from .selfcheck import SelfCheck
 
 __all__ = ["Reconstruction", "MappedWeight", "tolerance_for", "atomic_write"]
 
@@ -204,15 +206,28 @@ class Reconstruction:
         """Index into ``classes`` of the largest reconstructed logit, per probe (N,)."""
         return self.logits.argmax(dim=1)
 
+    @property
+    def self_checks(self) -> list[SelfCheck]:
+        """The solver's self-checks (``meta["self_checks"]``); InputError when malformed."""
+        checks = self.meta.get("self_checks") or []
+        if not isinstance(checks, list):
+            raise InputError(f"meta['self_checks'] must be a list of self-check records, got {type(checks).__name__}")
+        return [_self_check(d) for d in checks]
+
     # the affine model -----------------------------------------------------
-    def __call__(self, x: Tensor) -> Tensor:
-        """W x + b for a batch of r * N inputs (input i uses probe i % N): (r * N, K)."""
+    def check_input(self, x: Any) -> Tensor:
+        """``x`` if it is a batch of r * N samples of the probes' shape; InputError otherwise."""
         if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.sample_shape or x.shape[0] % self.n_probes:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise InputError(
                 f"expected inputs of shape (r * {self.n_probes}, {', '.join(map(str, self.sample_shape))}), "
-                f"got {shape}"
+                f"got {shape}: input i is compared through probe i % {self.n_probes}'s linear model"
             )
+        return x
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """W x + b for a batch of r * N inputs (input i uses probe i % N): (r * N, K)."""
+        x = self.check_input(x)
         w = torch.as_tensor(self.weight).reshape(self.n_probes, self.n_classes, -1)
         xs = x.to(device=w.device, dtype=w.dtype).reshape(-1, self.n_probes, w.shape[-1])
         blocks = self._blocks()
@@ -288,24 +303,20 @@ class Reconstruction:
         """Read a file written by :meth:`save` (never unpickles).
 
         ``mmap=True`` maps W from the file instead of reading it (copy-on-write,
-        CPU only): for a W larger than memory. The other arrays are read."""
+        CPU only): for a W larger than memory. The other arrays are read. A file
+        that is not such a reconstruction (not a zip, members missing, metadata or
+        arrays that do not fit together) is an InputError naming it and the problem."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False, mmap_mode=None) as z:
-                names = set(z.files)
-                data = {k: z[k] for k in z.files if not (mmap and k == "weight")}
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read reconstruction {path}: {e}") from e
-        missing = {"weight", "bias", "classes", "logits", "probes", "meta"} - names
-        if missing:
-            raise InputError(f"{path} is not a reconviz reconstruction (missing {sorted(missing)})")
-        meta = json.loads(str(data["meta"]))
-        t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(map_location) for k, v in data.items() if k != "meta"}
-        mapped = None
-        if mmap:
-            if torch.device(map_location).type != "cpu":
-                raise InputError("mmap=True maps W on the CPU; use map_location='cpu'")
-            mapped = _map_npz_member(path, "weight.npy")
+        device = _device(map_location, mmap)
+        arrays = _read_members(path, skip=("weight",) if mmap else ())
+        meta = _read_meta(path, arrays.pop("meta"))
+        mapped = _map_npz_member(path, "weight.npy") if mmap else None
+        if mapped is not None:
+            arrays["weight"] = mapped.tensor.numpy()
+        _check_arrays(path, arrays)
+        arrays["classes"] = arrays["classes"].astype(np.int64)
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+        if mapped is not None:
             t["weight"] = mapped.tensor
         return cls(t["weight"], t["bias"], t["classes"], t["logits"], t["probes"], meta, mapped=mapped)
 
@@ -333,6 +344,130 @@ def _savez_blockwise(f, arrays: dict[str, np.ndarray], blocks: list[tuple[int, i
                         release()
 
 
+_MEMBERS = ("weight", "bias", "classes", "logits", "probes", "meta")
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _bad_file(path: Path, what: str) -> InputError:
+    return InputError(f"{path} is not a reconviz reconstruction as Reconstruction.save writes it: {what}. "
+                      "Re-create it with Reconstruction.save (or 'reconviz reconstruct')")
+
+
+def _device(map_location: Any, mmap: bool) -> torch.device:
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"map_location={map_location!r} is not a device: use 'cpu', 'cuda', ...") from e
+    if mmap and device.type != "cpu":
+        raise InputError("mmap=True maps W on the CPU; use map_location='cpu'")
+    return device
+
+
+def _read_members(path: Path, skip: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (no unpickling); InputError for anything but a complete reconstruction."""
+    if not path.is_file():
+        raise InputError(f"cannot read reconstruction {path}: there is no such file")
+    if not zipfile.is_zipfile(path):
+        raise _bad_file(path, "it is not a .npz (zip) archive")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in _MEMBERS if k not in z.files]
+            arrays = {k: z[k] for k in _MEMBERS if k in z.files and k not in skip}
+    except _READ_ERRORS as e:
+        raise _bad_file(path, f"its arrays cannot be read ({' '.join(str(e).split())})") from e
+    if missing:
+        raise _bad_file(path, f"the member(s) {', '.join(missing)} are missing")
+    return arrays
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or ok(v)
+
+
+def _is(kind: type) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, kind)
+
+
+# metadata keys reconviz reads back: key -> (test, what it must be)
+_META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "format": (lambda v: v == FORMAT, repr(FORMAT)),
+    "tolerance": (lambda v: _number(v) and 0 <= v < math.inf, "a finite number >= 0"),
+    "max_abs_error": (_number, "a number"),
+    "max_rel_error": (_number, "a number"),
+    "exactness": (lambda v: v in ("region-exact", "point-exact"), "'region-exact' or 'point-exact'"),
+    "output": (lambda v: v is None or isinstance(v, str) or (_number(v) and isinstance(v, int)),
+               "an output index, a key or null"),
+    "notes": (_is(list), "a list"),
+    "class_names": (_optional(lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+                    "a list of strings"),
+    "cli": (_optional(_is(dict)), "an object"),
+    "self_checks": (_optional(_is(list)), "a list"),
+    **{k: (_optional(_is(str)), "a string") for k in ("method", "basis", "model", "logits_tensor", "input_name")},
+}
+
+
+_SELF_CHECK_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "name": _is(str), "passed": _optional(_is(bool)), "max_rel_error": _optional(_number),
+    "tolerance": _number, "detail": _is(str),
+}
+
+
+def _self_check(d: Any) -> SelfCheck:
+    """A SelfCheck from its stored record; InputError when a field is missing or mistyped."""
+    bad = [k for k, ok in _SELF_CHECK_FIELDS.items() if not (isinstance(d, dict) and k in d and ok(d[k]))]
+    if not bad and d["passed"] is not None and d["max_rel_error"] is None:
+        bad = ["max_rel_error"]  # a check that ran has a measured error
+    if bad:
+        raise InputError(f"self-check record {d!r:.80} has missing or mistyped field(s) {', '.join(bad)}: "
+                         "expected name (str), passed (bool or null), max_rel_error (number, null only when "
+                         "skipped), tolerance (number), detail (str)")
+    return SelfCheck.from_dict(d)
+
+
+def _read_meta(path: Path, arr: np.ndarray) -> dict[str, Any]:
+    """The JSON metadata member, with the types of the keys reconviz reads checked."""
+    if arr.ndim != 0 or arr.dtype.kind != "U":
+        raise _bad_file(path, f"its metadata is a {arr.dtype} array of shape {arr.shape}, not a JSON string")
+    try:
+        meta = json.loads(str(arr))
+    except ValueError as e:  # json.JSONDecodeError
+        raise _bad_file(path, f"its metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _bad_file(path, f"its metadata is a JSON {type(meta).__name__}, not an object")
+    for key, (ok, what) in _META_TYPES.items():
+        if key in meta and not ok(meta[key]):
+            raise _bad_file(path, f"metadata {key!r} must be {what}, got {meta[key]!r:.60}")
+    for record in meta.get("self_checks") or []:
+        try:
+            _self_check(record)
+        except InputError as e:
+            raise _bad_file(path, str(e)) from None
+    return meta
+
+
+def _check_arrays(path: Path, a: dict[str, np.ndarray]) -> None:
+    """dtypes and shapes: W (N, K, *S) float, b and logits (N, K), classes (K,) distinct indices, probes (N, *S)."""
+    for name in ("weight", "bias", "logits", "probes"):
+        if a[name].dtype not in (np.float16, np.float32, np.float64):
+            raise _bad_file(path, f"{name} has dtype {a[name].dtype}; expected float64, float32 or float16")
+    w = a["weight"]
+    if w.ndim < 3 or 0 in w.shape:
+        raise _bad_file(path, f"weight has shape {w.shape}; expected (probes, classes, *sample_shape), none empty")
+    n, k, sample = w.shape[0], w.shape[1], w.shape[2:]
+    for name, shape in (("bias", (n, k)), ("classes", (k,)), ("logits", (n, k)), ("probes", (n, *sample))):
+        if a[name].shape != shape:
+            raise _bad_file(path, f"{name} has shape {a[name].shape}, but weight {w.shape} needs {shape}")
+    c = a["classes"]
+    if c.dtype.kind not in "iu":
+        raise _bad_file(path, f"classes has dtype {c.dtype}; expected integer indices")
+    if (c < 0).any() or (c > np.iinfo(np.int64).max).any() or len(np.unique(c)) != k:
+        raise _bad_file(path, f"classes {c.tolist()[:8]} are not distinct indices >= 0")
+
+
 def _map_npz_member(path: Path, member: str) -> MappedWeight:
     """Map an uncompressed .npy member of a .npz in place (np.savez stores without compression)."""
     with zipfile.ZipFile(path) as zf:
@@ -346,14 +481,21 @@ def _map_npz_member(path: Path, member: str) -> MappedWeight:
             raise InputError(f"{path}: not a zip member header at {info.header_offset}")
         name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
         f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                 else np.lib.format.read_array_header_2_0(f))
-        if fortran or dtype.hasobject:
-            raise InputError(f"{path}: {member} cannot be memory-mapped")
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+        except ValueError as e:
+            raise _bad_file(path, f"{member} has no valid .npy header ({e})") from e
+        if fortran or dtype not in (np.float16, np.float32, np.float64):
+            raise _bad_file(path, f"{member} ({dtype}, {'Fortran' if fortran else 'C'} order) cannot be "
+                                  "memory-mapped: it must be a C-ordered float array")
         offset = f.tell()
     tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    return MappedWeight.open(path, offset, tuple(shape), tdtype)
+    try:
+        return MappedWeight.open(path, offset, tuple(shape), tdtype)
+    except ValueError as e:  # the member is shorter than its header says
+        raise _bad_file(path, f"{member} is truncated ({e})") from e
 
 
 def _np(t: Tensor) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,8 +24,9 @@ from .errors import InputError
 from .probe import OutputSelector, check_probe_input, select_output, working_copy
 from .radius import Radius, certified_radius
 from .reconstruction import Reconstruction, relative_error
+from .selfcheck import SelfCheck
 
-__all__ = ["verify", "VerificationReport", "Comparison", "BACKENDS", "register_backend"]
+__all__ = ["verify", "VerificationReport", "Comparison", "BACKENDS", "register_backend", "run_model", "class_columns"]
 
 RADIUS_AUTO_MAX = 4096  # radius="auto" sweeps the input when it has at most this many elements
 ORIGINAL, RECONSTRUCTED = "original (torch)", "reconstructed (torch)"
@@ -57,11 +59,14 @@ class VerificationReport:
     radius: Radius | None = None
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
+    self_checks: list[SelfCheck] = field(default_factory=list)  # the solver's (rec.meta["self_checks"])
 
     @property
     def ok(self) -> bool:
+        """Every comparison within tolerance, W = Jacobian, and no self-check failed (skipped ones do not count)."""
         jac_ok = self.jacobian_max_error is None or self.jacobian_max_error <= (self.jacobian_tolerance or 0)
-        return all(c.ok for c in self.comparisons) and jac_ok
+        checks_ok = all(c.passed is not False for c in self.self_checks)
+        return all(c.ok for c in self.comparisons) and jac_ok and checks_ok
 
     @property
     def primary(self) -> Comparison:
@@ -100,6 +105,7 @@ class VerificationReport:
             "radius_l2": None if self.radius is None else self.radius.l2.tolist(),
             "radius_linf": None if self.radius is None else self.radius.linf.tolist(),
             "ties": None if self.radius is None else self.radius.ties,
+            "self_checks": [c.to_dict() for c in self.self_checks],
             "notes": self.notes, "table": self.table,
         }
 
@@ -147,6 +153,7 @@ def format_report(r: VerificationReport, max_rows: int = 40) -> str:
                      f"(tolerance {r.jacobian_tolerance:.3g})  {verdict}")
     if r.radius is not None:
         lines.append(f"certified radius: {r.radius}")
+    lines += [str(c) for c in r.self_checks]
     lines += [f"note: {n}" for n in r.notes]
     lines.append(f"{r.exactness}, {r.dtype}: {'PASS' if r.ok else 'FAIL'}")
     return "\n".join(lines)
@@ -189,17 +196,15 @@ def verify(
             when the input has at most 4096 elements.
         backend: ``"torch"``; ``"onnxruntime"`` or ``"both"`` add onnxruntime columns.
         output: logits selector for models returning tuples/dicts (default: rec's).
+        class_names: names of the model's outputs, for the printed table.
     """
-    if backend in ("onnxruntime", "both") and backend not in BACKENDS:
-        from . import onnx as _onnx  # noqa: F401  (registers the onnxruntime backend)
-    if backend != "torch" and backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: choose torch, {', '.join(BACKENDS) or '(none loaded)'}")
+    _check_options(rec, tolerance, jacobian, radius, backend, class_names)
     dtype = rec.weight.dtype
     output = output if output is not None else rec.meta.get("output")
-    x = rec.probes if x is None else check_probe_input(x).to(dtype)
+    x = rec.probes if x is None else rec.check_input(check_probe_input(x)).to(dtype)
     work = working_copy(model, dtype, rec.probes.device)
     with torch.no_grad():
-        original = select_output(work(x.clone()), output, x.shape[0])[:, rec.classes]
+        original = class_columns(run_model(work, x, output), rec.classes)
     rebuilt = rec(x)
     tol = rec.tolerance if tolerance is None else tolerance
     report = VerificationReport(
@@ -210,12 +215,13 @@ def verify(
         exactness=rec.exactness,
         notes=[str(n) for n in rec.meta.get("notes", [])],  # the reconstruction's own (e.g. a Softmax cut off)
         class_names=class_names,
+        self_checks=rec.self_checks,
     )
     if jacobian and rec.exactness == "region-exact":
         report.jacobian_max_error = _jacobian_error(work, rec, output)
         report.jacobian_tolerance = tol * max(1.0, float(torch.as_tensor(rec.weight).abs().max()))
     if radius is True or (radius == "auto" and math.prod(rec.sample_shape) <= RADIUS_AUTO_MAX):
-        report.radius = certified_radius(model, rec.probes, dtype=dtype)
+        report.radius = certified_radius(model, rec.probes, dtype=dtype, output=output)
     elif radius == "auto":
         report.notes.append(
             f"certified radius skipped: the input has {math.prod(rec.sample_shape)} elements "
@@ -226,6 +232,52 @@ def verify(
     return report
 
 
+def _check_options(rec: Any, tolerance: Any, jacobian: Any, radius: Any, backend: Any, class_names: Any) -> None:
+    """InputError for an argument of :func:`verify` that is not usable as given."""
+    if not isinstance(rec, Reconstruction):
+        raise InputError(f"rec must be a Reconstruction (from reconviz.reconstruct or Reconstruction.load), "
+                         f"got {type(rec).__name__}")
+    if tolerance is not None and not (isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
+                                      and 0 <= tolerance < math.inf):
+        raise InputError(f"tolerance must be a finite relative tolerance >= 0 (e.g. 1e-9), got {tolerance!r:.60}")
+    radius_ok = isinstance(radius, bool) or (isinstance(radius, str) and radius == "auto")
+    if not isinstance(jacobian, bool) or not radius_ok:
+        raise InputError(f"jacobian must be True or False and radius True, False or 'auto'; got jacobian="
+                         f"{jacobian!r:.40}, radius={radius!r:.40}")
+    if backend in ("onnxruntime", "both") and backend not in BACKENDS:
+        from . import onnx as _onnx  # noqa: F401  (registers the onnxruntime backend)
+    if backend != "torch" and backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: choose torch, {', '.join(BACKENDS) or '(none loaded)'}")
+    if class_names is not None and not (isinstance(class_names, (list, tuple))
+                                        and all(isinstance(n, str) for n in class_names)
+                                        and len(class_names) > int(rec.classes.max())):
+        raise InputError(f"class_names must be a list of strings naming every output up to class "
+                         f"{int(rec.classes.max())}, got {class_names!r:.80}")
+
+
+def run_model(work: nn.Module, x: Tensor, output: OutputSelector) -> Tensor:
+    """The working copy's selected outputs at x, (B, K_all); InputError when the model fails on x."""
+    try:
+        out = work(x.clone())
+    except RuntimeError as e:
+        raise InputError(
+            f"the model failed on an input of shape {tuple(x.shape)}: {' '.join(str(e).split())[:300]}. "
+            "Verify against the model the reconstruction came from, at inputs shaped like its probes"
+        ) from e
+    return select_output(out, output, x.shape[0])
+
+
+def class_columns(out: Tensor, classes: Tensor) -> Tensor:
+    """``out[:, classes]``; InputError when the model has fewer outputs than the classes reach."""
+    top = int(classes.max())
+    if top >= out.shape[1]:
+        raise InputError(
+            f"the model has {out.shape[1]} output(s), but the reconstruction has class {top}: verify against "
+            "the model the reconstruction came from (and the output= that selected its logits)"
+        )
+    return out[:, classes.to(out.device)]
+
+
 def _compare(a: str, b: str, va: Tensor, vb: Tensor, tol: float) -> Comparison:
     return Comparison(a, b, float((va - vb).abs().max()), float(relative_error(va, vb).max()), tol)
 
@@ -234,7 +286,7 @@ def _jacobian_error(work: nn.Module, rec: Reconstruction, output: OutputSelector
     """max |W - d f / d x| at the probes, by one backward pass per class."""
     x = rec.probes.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = select_output(work(x.clone()), output, x.shape[0])[:, rec.classes]
+        out = class_columns(run_model(work, x, output), rec.classes)
         worst = 0.0
         w = torch.as_tensor(rec.weight)
         for k in range(out.shape[1]):

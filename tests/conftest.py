@@ -103,7 +103,7 @@ def point_exact_silu():
     False), registered for one test and removed after it."""
     import torch.nn.functional as F
 
-    from reconviz.gates import Call, ElementwiseGate
+    from reconviz.ops.gates import Call, ElementwiseGate
 
     class FrozenSiLU(ElementwiseGate):
         name = "silu_point"
@@ -125,18 +125,11 @@ def point_exact_silu():
 
 @contextlib.contextmanager
 def registered(gate):
-    """``rv.register_gate(gate)`` for the duration of a block (there is no public unregister)."""
-    import reconviz as rv
-    from reconviz.gates import _BY_FUNC, _BY_NAME
+    """The gate registered for the duration of a block (reconviz.ops.registered), yielding it."""
+    from reconviz.ops import registered as _registered
 
-    rv.register_gate(gate)
-    try:
+    with _registered(gate):
         yield gate
-    finally:
-        rv.GATES.remove(gate)
-        for f in gate.functions:
-            _BY_FUNC.pop(f, None)
-        _BY_NAME.pop(gate.name, None)
 
 
 def pytest_terminal_summary(terminalreporter):

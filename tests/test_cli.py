@@ -298,6 +298,14 @@ class Noisy(nn.Module):
         self.fc = nn.Linear(64, 10)
     def forward(self, x):
         return self.fc(x.flatten(1)) + torch.rand(1, dtype=x.dtype)
+class Drifting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.calls = 0
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x.flatten(1)) * self.calls
 def not_a_module():
     return 3
 """
@@ -365,13 +373,17 @@ def test_bad_usage_is_one_line_exit_2(case, files, userfiles, capsys):
 
 
 def test_exactness_error_exits_1(files, userfiles, capsys):
-    """A model that is not a function of its input (random noise) fails its own exactness check."""
+    """A model that is not a function of its input (state that changes between calls) fails its
+    own self-check: exit 1. Random noise is refused up front: exit 2."""
     u = userfiles
-    code, _, err = run("reconstruct", u / "fc.pt", u / "x.npy", "--arch", f"{u / 'user_models.py'}:Noisy",
-                       "--out", u / "noisy", capsys=capsys)
+    code, _, err = run("reconstruct", u / "fc.pt", u / "x.npy", "--arch", f"{u / 'user_models.py'}:Drifting",
+                       "--out", u / "drifting", capsys=capsys)
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("reconviz: error: reconstruction misses the model")
+    assert len(lines) == 1 and lines[0].startswith("reconviz: error: self-check 'affinity' failed")
+    code, _, err = run("reconstruct", u / "fc.pt", u / "x.npy", "--arch", f"{u / 'user_models.py'}:Noisy",
+                       "--out", u / "noisy", capsys=capsys)
+    assert_one_line_error(code, err, "rand")
 
 
 def test_debug_shows_traceback(files, capsys, tmp_path):

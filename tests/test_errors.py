@@ -140,10 +140,10 @@ def test_not_a_module_and_torchscript():
 
 
 class Branchy(nn.Module):
-    """Control flow that depends on the input: a replay mismatch waiting to happen.
+    """Control flow that depends on the input's batch size: a replay mismatch waiting to happen
+    (a branch on the input's values is refused at the probe: see the test below).
 
-    Weights are fixed (identity, zero bias), so sum(h) = sum(x) decides the branch:
-    positive -> one ReLU, otherwise -> two ReLUs (or a LeakyReLU with ``other``)."""
+    A batch of 3 takes two ReLUs (or a LeakyReLU with ``other``), any other batch one ReLU."""
 
     def __init__(self, other: str = "two relus"):
         super().__init__()
@@ -156,7 +156,7 @@ class Branchy(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        if float(h.sum()) > 0:
+        if h.shape[0] != 3:
             h = F.relu(h)
         elif self.other == "two relus":
             h = F.relu(F.relu(h) - 0.5)
@@ -170,6 +170,7 @@ POS, NEG = torch.tensor([[1.0, 2.0, -0.5, 0.25]]), torch.tensor([[-1.0, -2.0, 0.
 
 def test_replay_mismatch_when_control_flow_depends_on_input(untouched):
     model = Branchy().eval()
+    three = POS.repeat(3, 1)
     with untouched(model):
         lin = rv.linearize(model, POS)  # probe: one gated call
         assert lin.gate_counts() == {"relu": 1}
@@ -178,11 +179,21 @@ def test_replay_mismatch_when_control_flow_depends_on_input(untouched):
         assert torch.allclose(lin(POS * 2), f, atol=1e-6)  # same branch: fine
         with pytest.raises(rv.ReplayMismatchError, match=r"more gated calls than the probe recorded \(1\).*"
                            r"control flow depends"):
-            lin(NEG)  # the other branch makes a second gated call
-        lin = rv.linearize(model, NEG)  # probe: two gated calls
+            lin(three)  # the other branch makes a second gated call
+        lin = rv.linearize(model, three)  # probe: two gated calls
         with pytest.raises(rv.ReplayMismatchError, match=r"made 1 gated calls, but the probe recorded 2"):
-            lin(POS)  # the other branch makes fewer
+            lin(three.repeat(2, 1))  # the other branch makes fewer
     assert torch._C._len_torch_function_stack() == 0  # the replay mode was popped on the error
+
+
+def test_a_branch_on_the_inputs_values_is_refused_at_the_probe(untouched):
+    class ValueBranch(nn.Module):
+        def forward(self, x):
+            return F.relu(x) if float(x.sum()) > 0 else F.relu(F.relu(x) - 0.5)
+
+    model = ValueBranch()
+    with untouched(model), pytest.raises(rv.UnsupportedOperationError, match="Tensor.__float__"):
+        rv.reconstruct(model, POS)
 
 
 def test_replay_mismatch_when_a_different_gate_is_called():
@@ -190,11 +201,11 @@ def test_replay_mismatch_when_a_different_gate_is_called():
     lin = rv.linearize(model, POS)
     with pytest.raises(rv.ReplayMismatchError, match=r"gated call #0 differs from the probe: expected 'relu'.*"
                        r"got 'leaky_relu'.*control flow depends"):
-        lin(NEG)
-    # the basis solve replays the model on the basis columns, which take the other branch here:
-    # an error, never a wrong W
+        lin(POS.repeat(3, 1))
+    # the basis solve replays the model on chunks of basis columns; a chunk of 3 takes the other
+    # branch here: an error, never a wrong W
     with pytest.raises(rv.ReplayMismatchError, match="control flow depends"):
-        rv.reconstruct(model, NEG, method="basis")
+        rv.reconstruct(model, NEG, method="basis", chunk_size=3)
 
 
 def test_replay_rejects_wrong_batch_and_shape():

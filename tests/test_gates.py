@@ -207,7 +207,7 @@ def test_a_custom_gate_continues_with_the_models_own_value(monkeypatch):
     """A user's gate with a wrong frozen rule (hardshrink frozen with an offset in its dead
     zone) must not pass the exactness check: only the built-in gates continue the probe pass
     with their frozen form, so the check compares W x0 + b with the model's own f(x0)."""
-    from reconviz.gates import Call, ElementwiseGate
+    from reconviz.ops.gates import Call, ElementwiseGate
 
     class WrongHardshrink(ElementwiseGate):
         name = "hardshrink_wrong"
@@ -263,7 +263,7 @@ def test_a_linearized_model_keeps_no_graph_unless_asked():
 def test_max_pool_tie_count_agrees_with_the_pairwise_count(k):
     """The tie count's fast paths (disjoint windows: mask the switch, pool again) equal the
     pairwise comparison of every window member, on random pools over tie-heavy inputs."""
-    from reconviz.gates import GATES, _disjoint, _pool
+    from reconviz.ops.gates import GATES, _disjoint, _pool
 
     gate = next(g for g in GATES if g.name == "max_pool")
     g = torch.Generator().manual_seed(k)
@@ -347,7 +347,7 @@ def test_max_pool_tie_is_counted():
 
 def test_register_gate_is_the_only_extension_point():
     """A new gate type registered from outside is used by probe, replay and solve."""
-    from reconviz.gates import ElementwiseGate
+    from reconviz.ops.gates import ElementwiseGate
 
     def my_relu(t):
         if torch.overrides.has_torch_function_unary(t):
@@ -359,7 +359,7 @@ def test_register_gate_is_the_only_extension_point():
         functions = (my_relu,)
 
         def parse(self, func, args, kwargs):
-            from reconviz.gates import Call
+            from reconviz.ops.gates import Call
             return Call(func, args[0], {})
 
         def slope_offset(self, z, p):

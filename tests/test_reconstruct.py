@@ -278,17 +278,29 @@ class _Counted(nn.Module):
 
 
 @pytest.mark.parametrize("act, passes", [(nn.ReLU(), 2), (nn.LeakyReLU(0.1, inplace=True), 2), (nn.SiLU(), 3)])
-def test_adjoint_solve_backpropagates_through_the_probe_pass(act, passes, request):
+def test_adjoint_solve_backpropagates_through_the_probe_pass(act, passes, request, monkeypatch):
     """The probe pass runs g's frozen gates (same values as f), so the adjoint solve reuses its
     graph: two forward passes in all (the probe and b = g(0)), then one backward per class. A
-    smooth gate records f's own value: its graph is not g's, and the solve runs g once more."""
+    smooth gate records f's own value: its graph is not g's, and the solve runs g once more.
+    The self-checks come after the solve: one pass of g, and (region-exact) passes of f."""
+    import reconviz.pipeline as pipeline
+
     if isinstance(act, nn.SiLU):
         request.getfixturevalue("point_exact_silu")
+    at_checks: list[int] = []
+    original = pipeline.self_checks
+    monkeypatch.setattr(pipeline, "self_checks", lambda *a, **k: (at_checks.append(len(_FORWARDS)), original(*a, **k))[1])
     model = _Counted(act).eval()
     x = torch.randn(3, 1, 8, 8)
     _FORWARDS.clear()
     rec = rv.reconstruct(model, x, method="adjoint")
-    assert len(_FORWARDS) == passes
+    assert at_checks == [passes]
+    checks = {c["name"]: c for c in rec.meta["self_checks"]}
+    region_passes = len(_FORWARDS) - passes - 1  # after g's one affinity pass: f at the steps tried
+    if checks["region"]["passed"] is None and "point-exact" in checks["region"]["detail"]:
+        assert region_passes == 0
+    else:
+        assert 1 <= region_passes <= 4
     basis = rv.reconstruct(model, x, method="basis", chunk_size=64)
     assert torch.allclose(rec.weight, basis.weight, rtol=0, atol=1e-12)
     assert rec.meta["max_rel_error"] <= 1e-9
