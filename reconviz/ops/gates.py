@@ -133,6 +133,18 @@ class Gate:
         """+1 or -1: the way feature ``feature`` of probe ``probe`` moves to reach its face."""
         raise NotImplementedError
 
+    def connectivity(self, call: Call) -> Any:
+        """The op in the receptive-field test's *connectivity network* (positive weights,
+        no switches): what the gate connects, with positive coefficients and 0 -> 0."""
+        raise NotImplementedError
+
+    def backward_signal(self, call: Call) -> Callable[[Tensor], Tensor] | None:
+        """rho for guided backprop and deconvnet: the non-linearity applied to the backward
+        signal (ReLU: rho = relu). None: the ordinary backward (max pooling routes the
+        signal through its switches; a clamp that is not a rectifier). A gate that does not
+        define it is refused by those methods rather than given a rule silently."""
+        raise NotImplementedError
+
     # shared helpers ------------------------------------------------------
     @staticmethod
     def check_shape(prior: Prior, z: Tensor) -> None:
@@ -177,7 +189,7 @@ class ElementwiseGate(Gate):
             tensors["offset"] = offset.to(z.dtype)
         ties = sum(_count_equal(z, b) for b in self.breakpoints(call.params))
         out = self._frozen(call, tensors, n=None) if self.records_frozen else call.original()
-        return out, tensors, {}, ties
+        return out, tensors, {k: _detach(v) for k, v in call.params.items()}, ties
 
     def apply(self, prior, call):
         self.check_shape(prior, call.z)
@@ -197,6 +209,9 @@ class ElementwiseGate(Gate):
         if offset is not None:
             out = out + offset
         return out.reshape(z.shape)
+
+    def connectivity(self, call):
+        return call.z.clone()  # elementwise: each unit connects to itself (slope 1 everywhere)
 
     def features(self, prior, z):
         # a copy, never a view of z: an in-place gate (ReLU(inplace=True), relu_, ...) overwrites
@@ -239,6 +254,9 @@ class ReLUGate(ElementwiseGate):
     def breakpoints(self, p):
         return [0.0]
 
+    def backward_signal(self, call):
+        return F.relu
+
 
 class ClampGate(ElementwiseGate):
     """Hardtanh, ReLU6, clamp/clip: D = 1[lo < z < hi], C = lo 1[z <= lo] + hi 1[z >= hi]."""
@@ -274,10 +292,6 @@ class ClampGate(ElementwiseGate):
                 "freezes; fix the bounds")
         return Call(func, z, {"lo": lo, "hi": hi}, inplace)
 
-    def record(self, call, n):
-        out, tensors, _, ties = super().record(call, n)
-        return out, tensors, {k: _detach(v) for k, v in call.params.items()}, ties
-
     def slope_offset(self, z, p):
         lo, hi = p["lo"], p["hi"]
         inside = torch.ones_like(z, dtype=torch.bool)
@@ -294,6 +308,11 @@ class ClampGate(ElementwiseGate):
 
     def breakpoints(self, p):
         return [b for b in (p["lo"], p["hi"]) if b is not None]
+
+    def backward_signal(self, call):
+        """A rectifier (relu) when the lower bound is 0 (ReLU6, clamp(min=0)); else the plain backward."""
+        lo = call.params.get("lo")
+        return F.relu if lo is not None and bool(torch.all(torch.as_tensor(lo) == 0)) else None
 
 
 class LeakyReLUGate(ElementwiseGate):
@@ -326,6 +345,10 @@ class LeakyReLUGate(ElementwiseGate):
     def breakpoints(self, p):
         return [0.0]
 
+    def backward_signal(self, call):
+        a = float(call.params["a"])
+        return lambda g: _leaky(g, a)
+
 
 class PReLUGate(ElementwiseGate):
     """PReLU: the learned slope a (one per channel, dim 1, or one in all)."""
@@ -338,10 +361,17 @@ class PReLUGate(ElementwiseGate):
         return Call(func, args[0], {"weight": _arg(args, kwargs, 1, "weight")})
 
     def slope_offset(self, z, p):
-        a = p["weight"].detach().to(z.dtype)
-        if a.numel() > 1 and z.dim() >= 2:
-            a = a.reshape((1, -1) + (1,) * (z.dim() - 2))
+        a = self._slope(z, p)
         return torch.where(z > 0, torch.ones_like(z), a.expand_as(z)), None
+
+    @staticmethod
+    def _slope(z: Tensor, p: dict) -> Tensor:
+        a = p["weight"].detach().to(z.dtype)
+        return a.reshape((1, -1) + (1,) * (z.dim() - 2)) if a.numel() > 1 and z.dim() >= 2 else a
+
+    def backward_signal(self, call):
+        a = self._slope(call.z, call.params)
+        return lambda g: _leaky(g, a)
 
     def breakpoints(self, p):
         return [0.0]
@@ -361,16 +391,19 @@ class ThresholdGate(ElementwiseGate):
         )
         return Call(func, args[0], {"t": t, "v": v}, inplace)
 
-    def record(self, call, n):
-        out, tensors, _, ties = super().record(call, n)
-        return out, tensors, dict(call.params), ties
-
     def slope_offset(self, z, p):
         keep = z > p["t"]
         return keep, torch.where(keep, torch.zeros_like(z), torch.full_like(z, p["v"]))
 
     def breakpoints(self, p):
         return [p["t"]]
+
+    def backward_signal(self, call):
+        return F.relu
+
+
+def _leaky(g: Tensor, a: Any) -> Tensor:
+    return torch.where(g > 0, g, g * a)
 
 
 def _count_equal(z: Tensor, b: Any) -> int:
@@ -549,6 +582,24 @@ class MaxPoolGate(Gate):
     def face_sign(self, prior, z, probe, feature):
         return -1.0  # h = z[switch] - z[member] >= 0 shrinks to the face
 
+    def backward_signal(self, call):
+        return None  # the signal goes back through the switches (Zeiler & Fergus's unpooling)
+
+    def connectivity(self, call):
+        """The average over the same windows (adaptive: adaptive average pooling)."""
+        p, ref = call.params, call.original()
+        z = call.z
+        k = p["k"]
+        unbatched = z.dim() == k + 1
+        x = z.unsqueeze(0) if unbatched else z
+        out_size = tuple((ref[0] if isinstance(ref, tuple) else ref).shape[-k:])
+        if p["adaptive"]:
+            y = getattr(F, f"adaptive_avg_pool{k}d")(x, out_size)
+        else:
+            y = _window_average(x, p, out_size)
+        y = y.squeeze(0) if unbatched else y
+        return (y, *ref[1:]) if isinstance(ref, tuple) else y
+
     def margins(self, prior, z):
         h, counted = self._pairs(z, prior.tensors["index"], prior.params)
         return torch.where(counted, h.abs(), torch.full_like(h, math.inf)).flatten(1)
@@ -560,6 +611,21 @@ def _pool(z: Tensor, p: dict) -> tuple[Tensor, Tensor]:
     if p["adaptive"]:
         return adaptive_pooled(z, p["output_size"])
     return pooled(z, p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"])
+
+
+def _window_average(x: Tensor, p: dict, out_size: tuple[int, ...]) -> Tensor:
+    """Mean over each max-pool window (padding counted as 0; ceil_mode windows padded at the end)."""
+    k = p["k"]
+    kern, pad, dil = _tup(p["kernel_size"], k), _tup(p["padding"], k), _tup(p["dilation"], k)
+    stride = _tup(p["stride"] or p["kernel_size"], k)
+    extra = [max(0, (o - 1) * s + d * (w - 1) + 1 - (n + 2 * q))
+             for o, s, d, w, n, q in zip(out_size, stride, dil, kern, x.shape[-k:], pad)]
+    end_pad = [v for e in reversed(extra) for v in (0, e)]
+    c = x.shape[1]
+    weight = torch.full((c, 1, *kern), 1.0 / math.prod(kern), dtype=x.dtype, device=x.device)
+    conv = getattr(F, f"conv{k}d")
+    y = conv(F.pad(x, end_pad), weight, stride=stride, padding=pad, dilation=dil, groups=c)
+    return y[(Ellipsis, *[slice(0, o) for o in out_size])]
 
 
 def _disjoint(p: dict, out_spatial: tuple[int, ...]) -> bool:

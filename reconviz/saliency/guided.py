@@ -48,10 +48,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..gates import Call, Gate
+from ..errors import InputError, UnsupportedOperationError
+from ..ops.base import op_name
+from ..ops.gates import Call, ElementwiseGate, Gate
 from ..probe import GateMode, OutputSelector
 from .gradient import input_gradient
 
@@ -59,7 +60,6 @@ __all__ = ["guided_backprop", "deconvnet", "RectifierMode"]
 
 Target = int | Any | Callable[[Tensor], Tensor]
 METHODS = ("deconvnet", "guided")
-_ELEMENTWISE = ("relu", "leaky_relu", "prelu", "clamp", "threshold")
 
 
 # --------------------------------------------------------------------------
@@ -67,33 +67,17 @@ _ELEMENTWISE = ("relu", "leaky_relu", "prelu", "clamp", "threshold")
 # --------------------------------------------------------------------------
 
 
-def _leaky(g: Tensor, a: Any) -> Tensor:
-    return torch.where(g > 0, g, g * a)
-
-
-def backward_rule(gate: Gate, call: Call) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
-    """(D, rho) for one gated call: the forward slope at z and the backward non-linearity.
-
-    ``rho`` is None for a gate that is not a rectifier (its ordinary backward is used).
-    """
+def backward_rule(gate: Gate, call: Call, path: str = "") -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
+    """(D, rho) for one gated elementwise call: the forward slope at z and the backward
+    non-linearity (:meth:`Gate.backward_signal`; None: the ordinary backward)."""
+    try:
+        rho = gate.backward_signal(call)
+    except NotImplementedError:
+        raise UnsupportedOperationError(
+            op_name(call.func), path, f"gate '{gate.name}' defines no rule for guided backprop and "
+            "deconvnet: implement Gate.backward_signal (see docs/extending.md)") from None
     z = call.z.detach()
-    slope = gate.slope_offset(z, call.params)[0].to(z.dtype)
-    p = call.params
-    if gate.name in ("relu", "threshold"):
-        return slope, F.relu
-    if gate.name == "clamp":
-        lo = p.get("lo")
-        rectifier = lo is not None and bool(torch.all(torch.as_tensor(lo) == 0))
-        return slope, (F.relu if rectifier else None)
-    if gate.name == "leaky_relu":
-        a = float(p["a"])
-        return slope, (lambda g: _leaky(g, a))
-    if gate.name == "prelu":
-        a = p["weight"].detach().to(z.dtype)
-        if a.numel() > 1 and z.dim() >= 2:
-            a = a.reshape((1, -1) + (1,) * (z.dim() - 2))
-        return slope, (lambda g: _leaky(g, a))
-    raise ValueError(f"no backward rule for gate {gate.name!r}")  # pragma: no cover
+    return gate.slope_offset(z, call.params)[0].to(z.dtype), rho
 
 
 class _Rectifier(torch.autograd.Function):
@@ -131,14 +115,14 @@ class RectifierMode(GateMode):
     def __init__(self, work: nn.Module, method: str):
         super().__init__(work)
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            raise InputError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
         self.rectified = 0  # number of gated elementwise calls given the rule
 
     def on_gate(self, gate: Gate, call: Call, path: str) -> Any:
-        if gate.name not in _ELEMENTWISE or not (torch.is_grad_enabled() and call.z.requires_grad):
+        if not isinstance(gate, ElementwiseGate) or not (torch.is_grad_enabled() and call.z.requires_grad):
             return call.original()
-        slope, rho = backward_rule(gate, call)
+        slope, rho = backward_rule(gate, call, path)
         self.rectified += 1
         return _Rectifier.apply(call.z, call, slope, rho, self.method)
 

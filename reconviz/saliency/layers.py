@@ -64,9 +64,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ._common import (
     Hooks,
@@ -79,7 +77,10 @@ from ._common import (
     select_logits,
     working_model,
 )
-from ..probe import check_model
+from ..errors import UnsupportedOperationError
+from ..ops.base import op_name
+from ..ops.gates import Call, Gate
+from ..probe import GateMode, check_model
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
@@ -340,70 +341,17 @@ class ReceptiveField:
         return (span(self.rows), span(self.cols))
 
 
-_RECTIFIERS = {
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "prelu",
-    "rrelu", "rrelu_", "threshold", "threshold_", "clamp", "clamp_", "clip", "clip_",
-    "clamp_min", "clamp_min_", "clamp_max", "clamp_max_",
-}
-_MAX_POOLS = {
-    f"{p}max_pool{d}d{s}" for p in ("", "_") for d in (1, 2, 3) for s in ("", "_with_indices")
-}
-_ADAPTIVE_MAX_POOLS = {
-    f"{p}adaptive_max_pool{d}d{s}" for p in ("", "_") for d in (1, 2, 3) for s in ("", "_with_indices")
-}
-_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+class _ConnectivityMode(GateMode):
+    """Every gate runs as its connectivity op (:meth:`Gate.connectivity`: elementwise
+    gates -> identity, max pooling -> window averages of the same geometry)."""
 
-
-def _ntuple(v: Any, d: int) -> tuple[int, ...]:
-    if isinstance(v, (list, tuple)):
-        v = tuple(int(a) for a in v)
-        return v * d if len(v) == 1 else v
-    return (int(v),) * d
-
-
-class _ConnectivityMode(TorchFunctionMode):
-    """Rectifiers -> identity; max pooling -> window averages of the same geometry."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in _RECTIFIERS and args and isinstance(args[0], Tensor):
-            return args[0].clone()
-        if name in _MAX_POOLS or name in _ADAPTIVE_MAX_POOLS:
-            ref = func(*args, **kwargs)
-            val = ref[0] if isinstance(ref, tuple) else ref
-            bound = dict(zip(_POOL_ARGS, args))
-            bound.update(kwargs)
-            x = bound.get("input", bound.get("self"))
-            d = int(next(ch for ch in name if ch.isdigit()))
-            unbatched = x.dim() == d + 1
-            if unbatched:
-                x = x.unsqueeze(0)
-            out_size = tuple(val.shape[-d:])
-            if name in _ADAPTIVE_MAX_POOLS:
-                y = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[d - 1](x, out_size)
-            else:
-                k = _ntuple(bound["kernel_size"], d)
-                st = bound.get("stride")
-                s = k if st is None or (isinstance(st, (list, tuple)) and len(st) == 0) else _ntuple(st, d)
-                p = _ntuple(bound.get("padding", 0), d)
-                dl = _ntuple(bound.get("dilation", 1), d)
-                extra = [
-                    max(0, (o - 1) * si + di * (ki - 1) + 1 - (li + 2 * pi))
-                    for o, si, di, ki, li, pi in zip(out_size, s, dl, k, x.shape[-d:], p)
-                ]
-                pad: list[int] = []
-                for e in reversed(extra):
-                    pad += [0, e]
-                c = x.shape[1]
-                w = torch.full((c, 1, *k), 1.0 / math.prod(k), dtype=x.dtype, device=x.device)
-                conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
-                y = conv(F.pad(x, pad), w, stride=s, padding=p, dilation=dl, groups=c)
-                y = y[(Ellipsis, *[slice(0, o) for o in out_size])]
-            if unbatched:
-                y = y.squeeze(0)
-            return (y, *ref[1:]) if isinstance(ref, tuple) else y
-        return func(*args, **kwargs)
+    def on_gate(self, gate: Gate, call: Call, path: str) -> Any:
+        try:
+            return gate.connectivity(call)
+        except NotImplementedError:
+            raise UnsupportedOperationError(
+                op_name(call.func), path, f"gate '{gate.name}' defines no connectivity for the "
+                "receptive-field test: implement Gate.connectivity (see docs/extending.md)") from None
 
 
 def _connectivity_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -501,7 +449,7 @@ def receptive_fields(
             stop = min(h + w, start + batch_size)
             rec.calls.clear()
             found.clear()
-            with _ConnectivityMode():
+            with _ConnectivityMode(conn):
                 conn(torch.stack([indicator(j) for j in range(start, stop)]))
             ks = _keys(rec.calls)
             if keys is None:
@@ -544,7 +492,7 @@ def _centre_check(
     rec = _Recorder(chosen, keep)
     with Hooks() as hooks, torch.enable_grad():
         rec.install(hooks)
-        with _ConnectivityMode():
+        with _ConnectivityMode(conn):
             conn(x0)
         bad = []
         checked = {}
