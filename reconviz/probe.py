@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from . import affine
 from .errors import InputError, TrainingModeWarning, UnsupportedOperationError
 from .ops import check_call, check_result, input_dependent
+from .ops.registry import NO_GRAD_ADVICE
 from .ops.base import op_name, tensors_in
 from .ops.gates import Call, Gate, Prior, gate_for, gate_named
 
@@ -220,6 +221,8 @@ class RecordMode(GateMode):
         if not input_dependent(call.z):  # F.relu(self.scale): a constant, replayed as written
             self.priors.append(self._prior(gate, call, path, {}, {}, 0, constant=True))
             return call.original()
+        if not torch.is_grad_enabled():  # a frozen mask read under no_grad would leave autograd
+            raise UnsupportedOperationError(op_name(call.func), path, NO_GRAD_ADVICE)
         if input_dependent(call.params):
             raise UnsupportedOperationError(
                 op_name(call.func), path, "its bound or slope depends on the input (e.g. clamp(z, min=x)), "

@@ -137,7 +137,16 @@ REFUSED_CALLS = {
     "clamp min > max": (lambda z: torch.clamp(z, min=1.0, max=0.0), "clamp"),
     "hardtanh min > max": (lambda z: F.hardtanh(z, 1.0, -1.0), "hardtanh"),
     "rrelu training": (lambda z: F.rrelu(z, training=True), "rrelu"),
+    "tensor hook": (lambda z: (z.register_hook(lambda g: g * 2), z)[1], "Tensor.register_hook"),
+    "scatter multiply": (lambda z: torch.ones_like(z).scatter(
+        3, torch.zeros(z.shape, dtype=torch.long), z, reduce="multiply"), "Tensor.scatter"),
+    "relu in no_grad": (lambda z: z * _no_grad_relu(z), "relu"),
 }
+
+
+def _no_grad_relu(z):
+    with torch.no_grad():
+        return F.relu(z)
 
 
 def _no_grad_sum(z):

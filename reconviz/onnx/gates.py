@@ -12,16 +12,23 @@ The ONNX counterpart of :mod:`reconviz.gates`. Each gate knows how to
 Frozen forms (D the recorded slope, C the recorded offset, probe n of N)::
 
     Relu(z)               ->  D * z               D = 1[z > 0]
+    ThresholdedRelu(z; a) ->  D * z               D = 1[z > a]   (alpha a, default 1.0)
     Clip(z, lo, hi)       ->  D * z + C           D = 1[lo < z < hi], C = lo 1[z <= lo] + hi 1[z >= hi]
     LeakyRelu(z; a)       ->  D * z               D = 1 if z > 0 else a
     PRelu(z, a)           ->  D * z               D = 1 if z > 0 else a (broadcast)
     MaxPool(z)            ->  Gather(z, switches)  the recorded flat arg-max (MaxPool's Indices)
-    GlobalMaxPool(z)      ->  Gather(z, switches)  the arg-max over each channel
+    ReduceMax(z, axes)    ->  Gather(z, switches)  the arg-max over the reduced axes (not the batch axis)
+    GlobalMaxPool(z)      ->  Gather(z, switches)  the arg-max over each channel (ReduceMax over 2, 3, ...)
 
 A batch of B = r * N inputs uses probe ``i % N``'s prior for input ``i``: the
 gated tensor is viewed as (r, N, ...) and multiplied by the (N, ...) prior
 (batch-broadcast), or gathered from the (r, N * size) view. Adding an op =
 adding one class here and listing it in :data:`ONNX_GATES`.
+
+Every gate here is piecewise linear (``region_exact``): its frozen form equals
+the op on the probe's whole linear region, so the reconstruction is
+region-exact. A gate frozen at a point only (a smooth one) would set
+``region_exact = False``, and the result would be labelled point-exact.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ class OnnxGate:
 
     op_type: str = ""
     name: str = ""
+    region_exact: bool = True  # piecewise linear: the frozen form holds on the probe's whole region
 
     def params(self, node: NodeProto, g: "GraphInfo") -> dict[str, Any]:
         return {}
@@ -100,6 +108,11 @@ class OnnxGate:
 
     def rewrite(self, node: NodeProto, prior: Frozen, uid: str) -> tuple[list[NodeProto], list[TensorProto]]:
         """Nodes and initializers that compute ``node.output[0]`` with the prior frozen."""
+        raise NotImplementedError
+
+    def pattern(self, prior: Frozen) -> np.ndarray:
+        """Each probe's choice as one row (N, -1): equal rows, same linear piece (comparable
+        between runs of any batch size)."""
         raise NotImplementedError
 
 
@@ -129,12 +142,35 @@ class ElementwiseGate(OnnxGate):
         return per_probe_affine(node.input[0], node.output[0], prior.tensors["slope"],
                                 prior.tensors.get("offset"), uid)
 
+    def pattern(self, prior):
+        slope = prior.tensors["slope"]
+        offset = prior.tensors.get("offset", np.zeros_like(slope))
+        return np.concatenate([slope.reshape(len(slope), -1), offset.reshape(len(slope), -1)], axis=1)
 
-class Relu(ElementwiseGate):
-    op_type, name = "Relu", "relu"
+
+class ThresholdedRelu(ElementwiseGate):
+    """ThresholdedRelu(z; alpha) = z if z > alpha else 0 (alpha default 1.0): torch's
+    F.threshold(z, alpha, 0)."""
+
+    op_type, name = "ThresholdedRelu", "threshold"
+
+    def params(self, node, g):
+        return {"alpha": np.float32(_attr(node, "alpha", 1.0))}
 
     def slope_offset(self, z, p):
-        return z > 0, None
+        return z > p["alpha"], None
+
+    def breakpoints(self, p):
+        return [p["alpha"]]
+
+
+class Relu(ThresholdedRelu):
+    """Relu(z): ThresholdedRelu with alpha = 0."""
+
+    op_type, name = "Relu", "relu"
+
+    def params(self, node, g):
+        return {"alpha": np.float32(0)}
 
 
 class Clip(ElementwiseGate):
@@ -197,7 +233,21 @@ class PRelu(ElementwiseGate):
 # --------------------------------------------------------------------------
 
 
-class MaxPool(OnnxGate):
+class SwitchGate(OnnxGate):
+    """A max over windows or axes, frozen as a gather at the recorded switches: ``index``,
+    flat over the whole (N, ...) gated tensor (the position in the (N * size) view of one
+    group of N samples), and ``out_shape``, the output's shape at the probe."""
+
+    def rewrite(self, node, prior, uid):
+        return per_probe_gather(node.input[0], node.output[0], prior.shape, prior.tensors["index"],
+                                tuple(prior.tensors["out_shape"][1:]), uid)
+
+    def pattern(self, prior):
+        n, size = prior.shape[0], math.prod(prior.shape[1:])
+        return prior.tensors["index"].reshape(n, -1) - np.arange(n)[:, None] * size  # within each sample
+
+
+class MaxPool(SwitchGate):
     """MaxPool (any kernel, strides, pads, dilations, ceil_mode). The prior is its optional
     Indices output: flat over the whole (N, C, *spatial) input, exactly the position in
     the (N * C * prod spatial) view of one group of N samples, so one Gather does it."""
@@ -222,10 +272,6 @@ class MaxPool(OnnxGate):
         return Frozen(node.name or uid, node.op_type, self.name, tuple(z.shape),
                       {"index": idx.astype(np.int64), "out_shape": np.array(y.shape, dtype=np.int64)},
                       window_ties(z, idx, y, *pool_geometry(node, z.shape, y.shape)))
-
-    def rewrite(self, node, prior, uid):
-        return per_probe_gather(node.input[0], node.output[0], prior.shape, prior.tensors["index"],
-                                tuple(prior.tensors["out_shape"][1:]), uid)
 
 
 def pool_geometry(node: NodeProto, z_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> tuple[list[int], ...]:
@@ -262,27 +308,64 @@ def window_ties(z: np.ndarray, idx: np.ndarray, y: np.ndarray, kernel: list[int]
     return gate_named("max_pool").pairwise_ties(torch.from_numpy(z), torch.from_numpy(switch), p)
 
 
-class GlobalMaxPool(OnnxGate):
-    """GlobalMaxPool: the arg-max over each (sample, channel)'s spatial positions."""
+class ReduceMax(SwitchGate):
+    """ReduceMax(z, axes; keepdims): the arg-max over the reduced axes, which must leave the
+    batch axis alone (the torch.export-based exporter writes it for adaptive_max_pool(z, 1)
+    and amax). Axes come from input 1 (opset >= 18) or the ``axes`` attribute."""
 
-    op_type, name = "GlobalMaxPool", "max_pool"
+    op_type, name = "ReduceMax", "max_pool"
+
+    def params(self, node, g):
+        axes = _const_input(node, 1, g, "axes")
+        axes = _attr(node, "axes", []) if axes is None else axes.astype(np.int64).reshape(-1).tolist()
+        if not axes and _attr(node, "noop_with_empty_axes", 0):
+            raise GateError("noop_with_empty_axes=1 without axes (an identity) is not supported")
+        return {"axes": list(axes), "keepdims": bool(_attr(node, "keepdims", 1))}
+
+    def reduced(self, p: dict, ndim: int) -> list[int]:
+        axes = sorted({int(a) % ndim for a in p["axes"]}) if p["axes"] else list(range(ndim))
+        if 0 in axes:
+            raise GateError("it reduces over the batch axis (axis 0): the probes would mix")
+        return axes
 
     def record(self, node, values, g, uid):
         z = values[node.input[0]]
-        n, c = z.shape[:2]
-        flat = z.reshape(n * c, -1)
-        arg = flat.argmax(axis=1)
-        ties = int(np.count_nonzero((flat == flat.max(axis=1, keepdims=True)).sum(axis=1) > 1))
-        index = np.arange(n * c) * flat.shape[1] + arg
-        out_shape = np.array((n, c) + (1,) * (z.ndim - 2), dtype=np.int64)
+        p = self.params(node, g)
+        axes = self.reduced(p, z.ndim)
+        index, ties = argmax_switches(z, axes)
+        if p["keepdims"]:
+            index = np.expand_dims(index, tuple(axes))
         return Frozen(node.name or uid, node.op_type, self.name, tuple(z.shape),
-                      {"index": index.reshape(n, c), "out_shape": out_shape}, ties)
-
-    rewrite = MaxPool.rewrite
+                      {"index": index, "out_shape": np.array(index.shape, dtype=np.int64)}, ties)
 
 
-ONNX_GATES: dict[str, OnnxGate] = {g.op_type: g for g in (Relu(), Clip(), LeakyRelu(), PRelu(), MaxPool(),
-                                                           GlobalMaxPool())}
+class GlobalMaxPool(ReduceMax):
+    """GlobalMaxPool: ReduceMax over every spatial axis (2, 3, ...), dimensions kept."""
+
+    op_type = "GlobalMaxPool"
+
+    def params(self, node, g):
+        return {"axes": [], "keepdims": True}
+
+    def reduced(self, p, ndim):
+        return list(range(2, ndim))
+
+
+def argmax_switches(z: np.ndarray, axes: list[int]) -> tuple[np.ndarray, int]:
+    """(flat indices into the whole ``z`` of the max over ``axes``, shaped like z without
+    them; the number of those maxima that are not unique)."""
+    kept = [a for a in range(z.ndim) if a not in axes]
+    moved = np.transpose(z, kept + axes)
+    flat = moved.reshape(moved.shape[:len(kept)] + (-1,))
+    arg = flat.argmax(axis=-1)
+    ties = int(np.count_nonzero((flat == flat.max(axis=-1, keepdims=True)).sum(axis=-1) > 1))
+    coords = dict(zip(kept, np.indices(arg.shape)))
+    coords.update(zip(axes, np.unravel_index(arg, [z.shape[a] for a in axes])))
+    return np.ravel_multi_index([coords[a] for a in range(z.ndim)], z.shape).astype(np.int64), ties
+
+
+ONNX_GATES: dict[str, OnnxGate] = {g.op_type: g for g in (Relu(), ThresholdedRelu(), Clip(), LeakyRelu(), PRelu(),
+                                                           MaxPool(), ReduceMax(), GlobalMaxPool())}
 
 
 def gate_for(op_type: str) -> OnnxGate | None:

@@ -10,8 +10,9 @@ value-dependent node is either
 
 * affine in its value-dependent inputs (:data:`AFFINE`: Conv, Gemm, Add, ...),
   with the inputs it is not affine in (weights, shapes, pads) constant, or
-* a gate (:mod:`reconviz.onnx.gates`: Relu, Clip, LeakyRelu, PRelu, MaxPool,
-  GlobalMaxPool), whose input-dependent choice is frozen at the probe.
+* a gate (:mod:`reconviz.onnx.gates`: Relu, ThresholdedRelu, Clip, LeakyRelu,
+  PRelu, MaxPool, ReduceMax, GlobalMaxPool), whose input-dependent choice is
+  frozen at the probe.
 
 :func:`prepare` finds every node that is neither and raises one
 :class:`UnsupportedGraphError` that lists them all.
@@ -29,7 +30,7 @@ import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import InputError, UnsupportedOperationError
-from .gates import _attr, gate_for
+from .gates import ONNX_GATES, _attr, gate_for
 
 __all__ = ["Prepared", "prepare", "load_model", "UnsupportedGraphError", "AFFINE", "LOGITS", "IR_VERSION"]
 
@@ -48,14 +49,12 @@ class UnsupportedGraphError(UnsupportedOperationError):
 
     def __init__(self, nodes: list[tuple[str, str, str]]):
         self.nodes = nodes
-        self.operation, self.module_path = nodes[0][1], nodes[0][0]
-        lines = "; ".join(f"node '{n}' ({op}): {why}" for n, op, why in nodes)
-        Exception.__init__(
-            self,
-            f"the ONNX graph has {len(nodes)} node(s) reconviz cannot freeze into an affine map: {lines}. "
-            "reconviz.onnx reconstructs piecewise-linear graphs (Relu, Clip, LeakyRelu, PRelu, MaxPool "
-            "and affine ops); cut the graph before these nodes with logits='<tensor name>', or replace them",
-        )
+        name, op, why = nodes[0]
+        lines = "; ".join(f"node '{n}' ({o}): {w}" for n, o, w in nodes)
+        super().__init__(op, name, (
+            f"{why}. The ONNX graph has {len(nodes)} node(s) reconviz cannot freeze into an affine map: "
+            f"{lines}. reconviz.onnx reconstructs piecewise-linear graphs ({', '.join(ONNX_GATES)} and "
+            "affine ops); cut the graph before these nodes with logits='<tensor name>', or replace them"))
 
 
 # --------------------------------------------------------------------------
@@ -112,7 +111,8 @@ AFFINE: dict[str, Rule] = {
     **{op: _first_only for op in (
         "Conv", "ConvTranspose", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad",
         "Gather", "Identity", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceSum", "Expand",
-        "Tile", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth", "Split", "Neg", "Div",
+        "Tile", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth", "Split", "Neg", "Div", "GatherND",
+        "GatherElements",
     )},
     **{op: _any for op in ("Add", "Sub", "Sum", "Mean", "Concat")},
     **{op: _at_most_one for op in ("Mul", "MatMul", "Gemm", "Einsum")},
@@ -123,10 +123,10 @@ AFFINE: dict[str, Rule] = {
 }
 
 _SMOOTH = ("Sigmoid Tanh Exp Log Sqrt Pow Reciprocal Erf Gelu Elu Selu Celu Softplus Softsign Mish "
-           "HardSigmoid HardSwish ThresholdedRelu Sin Cos Tan Atan Asin Acos Sinh Cosh").split()
+           "HardSigmoid HardSwish Sin Cos Tan Atan Asin Acos Sinh Cosh").split()
 _NORM = ("LayerNormalization InstanceNormalization GroupNormalization LRN LpNormalization "
          "MeanVarianceNormalization").split()
-_SELECT = ("Softmax LogSoftmax Hardmax Max Min ArgMax ArgMin ReduceMax ReduceMin ReduceL1 ReduceL2 "
+_SELECT = ("Softmax LogSoftmax Hardmax Max Min ArgMax ArgMin ReduceMin ReduceL1 ReduceL2 "
            "ReduceLogSum ReduceLogSumExp ReduceSumSquare ReduceProd TopK Abs Sign Floor Ceil Round Mod "
            "Equal Greater GreaterOrEqual Less LessOrEqual Not And Or Xor NonZero MaxUnpool MaxRoiPool "
            "LpPool Shrink CumSum").split()

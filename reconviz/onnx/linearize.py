@@ -23,7 +23,7 @@ from onnx import ModelProto, TensorProto, helper
 from ..errors import ExactnessError, InputError
 from ..reconstruction import atomic_write
 from .gates import Frozen, gate_for
-from .graph import IR_VERSION, prepare
+from .graph import IR_VERSION, Prepared, prepare
 from .probe import FLOAT32_TOLERANCE, OnnxProbe, as_probe_array, max_relative_error, probe, uid
 from .runtime import run, session
 
@@ -45,6 +45,7 @@ class LinearizedGraph:
     source: str
     notes: list[str] = field(default_factory=list)
     activation_bytes: int = 0
+    prepared: Prepared | None = field(default=None, repr=False)  # the checked original graph (re-probing)
     _session: Any = field(default=None, repr=False)
 
     @property
@@ -67,6 +68,11 @@ class LinearizedGraph:
     @property
     def ties(self) -> int:
         return sum(p.ties for p in self.priors)
+
+    @property
+    def exactness(self) -> str:
+        """``"region-exact"`` when every frozen gate is piecewise linear, else ``"point-exact"``."""
+        return "region-exact" if all(gate_for(p.op).region_exact for p in self.priors) else "point-exact"
 
     def session(self):
         if self._session is None:
@@ -106,7 +112,7 @@ def linearize(model: Any, x: Any, logits: str = "auto") -> LinearizedGraph:
     found = probe(prep, x)
     lin = LinearizedGraph(_rewrite(found), prep.input_name, prep.logits_name, x, found.logits,
                           [found.priors[i] for i in prep.gated], prep.source, list(prep.notes),
-                          found.activation_bytes)
+                          found.activation_bytes, prep)
     err = max_relative_error(lin(x), found.logits)
     if not err <= FLOAT32_TOLERANCE:
         raise ExactnessError(

@@ -38,6 +38,7 @@ from ..errors import InputError
 from ..pipeline import check_options, checked
 from ..reconstruction import Reconstruction, tolerance_for
 from ..solve import MemoryPlan, WeightSink, assemble, plan_memory, resolve_classes, sweep
+from .checks import self_check
 from .linearize import LinearizedGraph, linearize
 from .runtime import ort_version
 
@@ -154,12 +155,16 @@ def reconstruct(
 
     Returns:
         The same :class:`~reconviz.Reconstruction` as the PyTorch path, in float32,
-        ``meta["backend"] == "onnxruntime"``, checked against the float32 tolerance.
+        ``meta["backend"] == "onnxruntime"``, checked against the float32 tolerance at
+        the probes and by the self-checks (:mod:`reconviz.onnx.checks`) away from them:
+        ``meta["self_checks"]``. ``meta["exactness"]`` is region-exact when every frozen
+        gate is piecewise linear (``OnnxGate.region_exact``).
 
     Raises:
         UnsupportedGraphError (an UnsupportedOperationError): every node that cannot
         be frozen, listed before any onnxruntime run. InputError: an unreadable or
-        invalid model, or inputs that do not fit it.
+        invalid model, or inputs that do not fit it. ExactnessError: the probe check or
+        a self-check (named) failed.
     """
     check_options(basis, chunk_size)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
@@ -183,7 +188,7 @@ def reconstruct(
         meta=_meta(lin, bas, seed, chunk, float(scale), memory),
         mapped=sink.mapped,
     )
-    return checked(rec, start, probed, solved)
+    return self_check(checked(rec, start, probed, solved), lin, seed)
 
 
 def _meta(lin: LinearizedGraph, basis: Basis, seed: int, chunk: int, scale: float,
@@ -203,7 +208,7 @@ def _meta(lin: LinearizedGraph, basis: Basis, seed: int, chunk: int, scale: floa
         "basis_scale": scale,
         "dtype": "float32",
         "tolerance": tolerance_for(torch.float32),
-        "exactness": "region-exact",
+        "exactness": lin.exactness,
         "gates": lin.gates,
         "ties": lin.ties,
         "output": None,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .base import Op, arg, input_dependent, tensors_in
 
-__all__ = ["Linear", "Product", "Division", "Cast", "Shape", "EvalOnly", "AFFINE_OPS"]
+__all__ = ["Linear", "Product", "Division", "Scatter", "Cast", "Shape", "EvalOnly", "AFFINE_OPS"]
 
 
 class Linear(Op):
@@ -80,6 +80,16 @@ class Division(Linear):
                         "which is not affine")
 
 
+class Scatter(Linear):
+    """scatter/scatter_add: linear when values are summed or replaced; ``reduce="multiply"``
+    multiplies two tensors and is refused."""
+
+    def check(self, func, args, kwargs, path):
+        reduce = arg(args, kwargs, 4, "reduce")
+        if reduce not in (None, "add", "sum"):
+            self.refuse(func, path, f"scatter with reduce={reduce!r} is not affine; use reduce='add'")
+
+
 class Cast(Linear):
     """A dtype change: refused to an integer or bool type (a rounding) and to a floating
     type less precise than the input (the result would be exact to that rounding only)."""
@@ -132,7 +142,7 @@ _RESHAPE = (
 _ARITHMETIC = (
     "add sub subtract rsub neg negative positive pos sum mean cumsum trace diff trapezoid trapz "
     "sum_to_size setitem masked_fill masked_scatter index_fill index_add index_copy index_put put "
-    "scatter scatter_add copy zero fill where"
+    "copy zero fill where"
 )
 _SPATIAL = (
     "pad interpolate upsample upsample_nearest upsample_bilinear avg_pool1d avg_pool2d avg_pool3d "
@@ -143,7 +153,7 @@ _ATEN_EXTRA = "slice index _unsafe_view alias view_copy expand_copy permute_copy
 
 _METADATA = (
     "size dim ndimension numel nelement stride storage_offset is_contiguous is_floating_point "
-    "is_complex is_signed element_size get_device data_ptr len repr format register_hook retain_grad "
+    "is_complex is_signed element_size get_device data_ptr len repr format retain_grad "
     "shape dtype device requires_grad is_leaf grad_fn grad layout ndim is_cuda is_cpu is_sparse "
     "is_quantized is_meta is_nested itemsize nbytes output_nr retains_grad"
 )
@@ -151,6 +161,7 @@ _METADATA = (
 AFFINE_OPS: list[Op] = [
     Linear(_RESHAPE + " " + _ARITHMETIC + " " + _SPATIAL, aten=_ATEN_EXTRA),
     Linear("lerp", constant_args=((2, "weight"),)),
+    Scatter("scatter scatter_add"),
     Linear("grid_sample", constant_args=((1, "grid"),)),
     Product(
         "mul multiply matmul mm bmm mv dot vdot inner outer ger kron einsum tensordot cross vecdot "

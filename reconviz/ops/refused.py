@@ -70,6 +70,7 @@ _LEAVES = (
     Tensor.__index__, Tensor.__complex__, torch.tensor, Tensor.new_tensor, Tensor.requires_grad_,
     Tensor.__deepcopy__, Tensor.__reduce_ex__, Tensor.storage, Tensor.untyped_storage,
 )
+_HOOKS = (Tensor.register_hook, Tensor.register_post_accumulate_grad_hook)
 _RANDOM = (
     "rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial "
     "poisson uniform exponential geometric log_normal cauchy random binomial"
@@ -92,6 +93,8 @@ REFUSED_OPS: list[Op] = [
             ".numpy(), .data, float(t), torch.tensor(t)), so reconviz cannot follow how the output "
             "depends on the input; keep the computation in torch operations on the tensor itself",
             functions=_LEAVES),
+    Refused("", "a hook on an input-dependent tensor can change its gradient, and the adjoint solve "
+            "reads W from gradients; register hooks outside the forward pass", functions=_HOOKS),
     Random(_RANDOM, "it draws random numbers inside the forward pass, so the model is not a function of "
            "its input; seed and precompute the noise as a buffer, or remove it at inference"),
 ]
