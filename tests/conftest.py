@@ -123,6 +123,15 @@ def point_exact_silu():
         yield gate
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny float64 tensors: one thread is faster, and a second one only contends on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def registered(gate):
     """The gate registered for the duration of a block (reconviz.ops.registered), yielding it."""

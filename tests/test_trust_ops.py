@@ -31,13 +31,18 @@ X = torch.randn(2, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().man
 METHODS = ["auto", "basis"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 tensors: one thread is faster, and a second one only contends on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch_norm(g: torch.Generator, mean_scale: float, bias_scale: float) -> nn.BatchNorm2d:
+    """A BatchNorm2d with random, non-default running statistics and affine parameters."""
+    bn = nn.BatchNorm2d(C)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(C, generator=g) * mean_scale)
+        bn.running_var.copy_(torch.rand(C, generator=g) + 0.5)
+        bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(C, generator=g) * bias_scale)
+    return bn
 
 
 class OpNet(nn.Module):
@@ -63,12 +68,7 @@ class OpNet(nn.Module):
         self.register_buffer("weight", torch.randn(6, 6, generator=g))
         self.register_buffer("divisor", torch.rand(C, 1, 6, generator=g) + 0.5)
         self.rrelu = nn.RReLU(0.1, 0.3)
-        self.bn = nn.BatchNorm2d(C)
-        with torch.no_grad():
-            self.bn.running_mean.copy_(torch.randn(C, generator=g) * 0.3)
-            self.bn.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-            self.bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
-            self.bn.bias.copy_(torch.randn(C, generator=g) * 0.1)
+        self.bn = _batch_norm(g, mean_scale=0.3, bias_scale=0.1)
         self.op = op
         self.eval()
         with torch.no_grad():
@@ -232,12 +232,7 @@ class BNNet(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(3)
         self.conv = nn.Conv2d(1, C, 3, padding=1)
-        self.bn = nn.BatchNorm2d(C)
-        with torch.no_grad():
-            self.bn.running_mean.copy_(torch.randn(C, generator=g) * 0.5)
-            self.bn.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-            self.bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
-            self.bn.bias.copy_(torch.randn(C, generator=g) * 0.2)
+        self.bn = _batch_norm(g, mean_scale=0.5, bias_scale=0.2)
         self.fc = nn.Linear(C * 36, 3)
         self.double()
 

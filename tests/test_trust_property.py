@@ -42,13 +42,7 @@ TOL = 1e-9
 N, SHAPE = 2, (1, 6, 6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 tensors: one thread is faster, and a second one only contends on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------
