@@ -14,9 +14,12 @@ Maps may be (N, H, W) (used as given: larger = more important) or shaped like
 map rule ``max over channels of |map|``. Regions and pixels are spatial: a
 replaced pixel is replaced in every channel.
 
-All model evaluations run on a private eval-mode copy (the user's model is
-untouched) in ``dtype`` (default float64), in batches of ``batch_size`` that do
-not change the results (see :class:`reconviz.saliency._common.BatchInvariant`).
+The model-based metrics belong to the attribution family
+(:func:`reconviz.saliency._common.attribution`): ``metric(model, x,
+saliency_map, target, *options, output=None, dtype=torch.float64)``, with the
+same prologue (checks, private eval-mode copy, target rule) as the saliency
+methods. Batches of ``batch_size`` do not change the results (see
+:class:`reconviz.saliency._common.BatchInvariant`).
 ``score="logit"`` uses the raw selected output; ``score="softmax"`` the softmax
 probability (for a callable target, the callable receives the probabilities).
 """
@@ -24,23 +27,13 @@ probability (for a callable target, the callable receives the probabilities).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .saliency._common import (
-    InputError,
-    OutputSelector,
-    Target,
-    as_baseline,
-    check_dtype,
-    check_input,
-    score_batches,
-    target_index,
-    working_model,
-)
+from .saliency._common import Attribution, InputError, Target, as_baseline, attribution, check_input
 
 __all__ = [
     "completeness",
@@ -119,60 +112,26 @@ def completeness(weight: Tensor, bias: Tensor | float, x: Tensor, logits: Tensor
 # --------------------------------------------------------------------------
 
 
-def _spatial_map(saliency: Any, x: Tensor) -> Tensor:
-    """The map as (N, H, W): as given if (N, H, W), else max over channels of |map| if shaped like x."""
-    if not isinstance(saliency, Tensor):
-        raise InputError(f"saliency_map must be a tensor, got {type(saliency).__name__}")
-    n, (h, w) = x.shape[0], x.shape[-2:]
-    if saliency.shape == (n, h, w):
-        m = saliency
-    elif saliency.shape == x.shape:
-        m = saliency.abs().reshape(n, -1, h, w).amax(1)
-    else:
-        raise InputError(
-            f"saliency_map must be (N, H, W) = {(n, h, w)} or shaped like x {tuple(x.shape)}, "
-            f"got {tuple(saliency.shape)}"
-        )
-    m = m.detach().to(torch.float64)
-    if not bool(torch.isfinite(m).all()):
-        raise InputError("saliency_map contains NaN/Inf values")
-    return m.cpu()
-
-
 def _score_transform(score: str):
     if score not in SCORES:
         raise InputError(f"score must be one of {SCORES}, got {score!r}")
     return (lambda out: torch.softmax(out, dim=1)) if score == "softmax" else None
 
 
-def _scorer(x, target, output, batch_size, score):
-    """A function scoring batches built by ``make`` on a working copy (validates target and score first)."""
-    transform = _score_transform(score)
-    n = x.shape[0]
-    target_index(target, n)
-
-    def run(work: nn.Module, make, probe_rows: Tensor) -> Tensor:
-        return score_batches(
-            work, make, probe_rows, n, target, output=output, batch_size=batch_size, transform=transform
-        )
-
-    return run
-
-
-def _masked(xw: Tensor, base: Tensor, masks: list[tuple[int, Tensor]], replace_with_base: bool):
-    """make(start, stop) for rows (probe i, spatial mask): masked pixels taken from base (or from x)."""
+def _masked_scores(a: Attribution, masks: list[tuple[int, Tensor]], baseline: float | Tensor, score: str,
+                   batch_size: int, deletion: bool = True) -> Tensor:
+    """The score of x with each (probe i, (H, W) mask)'s masked pixels taken from the baseline
+    (``deletion``) or from x, the rest from the baseline (insertion)."""
+    base = as_baseline(baseline, a.xw, a.dtype)
 
     def make(start: int, stop: int) -> Tensor:
-        out = []
+        rows = []
         for i, m in masks[start:stop]:
-            m = m.to(xw.device)
-            if replace_with_base:
-                out.append(torch.where(m, base[i], xw[i]))
-            else:
-                out.append(torch.where(m, xw[i], base[i]))
-        return torch.stack(out)
+            m = m.to(a.xw.device)
+            rows.append(torch.where(m, base[i], a.xw[i]) if deletion else torch.where(m, a.xw[i], base[i]))
+        return torch.stack(rows)
 
-    return make
+    return a.scores(make, torch.tensor([i for i, _ in masks]), batch_size, transform=_score_transform(score))
 
 
 # --------------------------------------------------------------------------
@@ -211,11 +170,9 @@ def _regions(h: int, w: int, ph: int, pw: int) -> list[tuple[int, int, int, int]
     return [(r, min(r + ph, h), c, min(c + pw, w)) for r in range(0, h, ph) for c in range(0, w, pw)]
 
 
+@attribution(min_dim=3, with_map=True)
 def prediction_difference(
-    model: nn.Module,
-    x: Tensor,
-    saliency_map: Tensor,
-    target: Target,
+    a: Attribution,
     fraction: float = 0.1,
     patch: int | Sequence[int] = (8, 8),
     baseline: float | Tensor = 0.0,
@@ -223,8 +180,6 @@ def prediction_difference(
     seed: int = 0,
     *,
     score: str = "logit",
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
     batch_size: int = 64,
 ) -> PredictionDifference:
     """Prediction difference: the score drop from removing the map's top regions, against random regions.
@@ -249,23 +204,18 @@ def prediction_difference(
     is the sum of the contributions w * x inside it, so the Gradient x Input map
     (with equal-size regions) attains the largest possible drop_map.
 
-    Args:
-        model: any ``nn.Module`` (a private eval-mode copy is used).
-        x: the input batch (N, ..., H, W) (dim >= 3).
+    Args (``x`` (N, ..., H, W); a callable target is applied to batches (B, K), row by row):
         saliency_map: (N, H, W), or shaped like x (reduced by max over channels of |.|).
-        target: an int, a sequence / 1-D tensor of N ints, or a row-wise callable (B, K) -> (B,).
         fraction: the fraction of regions to replace, in (0, 1].
         patch: region size (ph, pw) or an int.
         baseline: replacement value: a number or a tensor broadcastable to x.
         n_random: number of random draws (>= 1).
         seed: seed of the random draws.
         score: "logit" (raw score, default) or "softmax" (probability).
-        output, dtype, batch_size: as in :func:`reconviz.saliency.occlusion`.
+        batch_size: inputs per forward pass (does not change the result).
     """
-    x = check_input(x, min_dim=3)
-    dt = check_dtype(dtype, x)
-    n, (h, w) = x.shape[0], x.shape[-2:]
-    m = _spatial_map(saliency_map, x)
+    x, n, m = a.x, a.n, a.map
+    h, w = x.shape[-2:]
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise InputError(f"fraction must be in (0, 1], got {fraction!r}")
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
@@ -279,14 +229,14 @@ def prediction_difference(
     regions = _regions(h, w, ph, pw)
     r_count = len(regions)
     k = min(r_count, max(1, round(fraction * r_count)))
-    means = torch.stack([m[:, a:b, c:d].mean((1, 2)) for a, b, c, d in regions], 1)  # (N, R)
+    means = torch.stack([m[:, r0:r1, c0:c1].mean((1, 2)) for r0, r1, c0, c1 in regions], 1)  # (N, R)
     top = torch.argsort(means, dim=1, descending=True, stable=True)[:, :k]
 
     def region_mask(idx: Sequence[int]) -> Tensor:
         mk = torch.zeros(h, w, dtype=torch.bool)
         for r in idx:
-            a, b, c, d = regions[int(r)]
-            mk[a:b, c:d] = True
+            r0, r1, c0, c1 = regions[int(r)]
+            mk[r0:r1, c0:c1] = True
         return mk
 
     gen = torch.Generator().manual_seed(int(seed))
@@ -294,17 +244,13 @@ def prediction_difference(
     for i in range(n):
         for _ in range(n_random):
             masks.append((i, region_mask(torch.randperm(r_count, generator=gen)[:k].tolist())))
-    run = _scorer(x, target, output, batch_size, score)
-    xw = x.detach().to(dt)
-    base = as_baseline(baseline, xw, dt)
-    with working_model(model, dt, x.device) as work:
-        s0 = run(work, lambda a, b: xw[a:b], torch.arange(n))
-        s = run(work, _masked(xw, base, masks, True), torch.tensor([i for i, _ in masks]))
+    s0 = a.scores(lambda i, j: a.xw[i:j], torch.arange(n), batch_size, transform=_score_transform(score))
+    s = _masked_scores(a, masks, baseline, score, batch_size)
     drop_map = s0 - s[:n]
     drops = s0[:, None] - s[n:].reshape(n, n_random)
     mean = drops.mean(1)
     std = drops.std(1, correction=1) if n_random > 1 else torch.zeros_like(mean)
-    cast = lambda t: t.to(x.dtype)  # noqa: E731
+    cast = a.result
     return PredictionDifference(
         drop_map=cast(drop_map),
         drop_random_mean=cast(mean),
@@ -339,107 +285,56 @@ class Curve:
     auc: Tensor
 
 
-def _curve(
-    kind: str,
-    model: nn.Module,
-    x: Tensor,
-    saliency_map: Tensor,
-    target: Target,
-    steps: int,
-    baseline: float | Tensor,
-    score: str,
-    output: OutputSelector,
-    dtype: torch.dtype | None,
-    batch_size: int,
-) -> Curve:
-    x = check_input(x, min_dim=3)
-    dt = check_dtype(dtype, x)
-    n, (h, w) = x.shape[0], x.shape[-2:]
-    m = _spatial_map(saliency_map, x).reshape(n, -1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be a positive int, got {steps!r}")
-    hw = h * w
-    t = min(steps, hw)
-    counts = [(j * hw) // t for j in range(t + 1)]  # pixels removed / inserted at step j
-    order = torch.argsort(m, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(hw).expand(n, hw).contiguous())
-    masks = [(i, (rank[i] < c).reshape(h, w)) for i in range(n) for c in counts]
-    run = _scorer(x, target, output, batch_size, score)
-    xw = x.detach().to(dt)
-    base = as_baseline(baseline, xw, dt)
-    with working_model(model, dt, x.device) as work:
-        s = run(work, _masked(xw, base, masks, kind == "deletion"), torch.tensor([i for i, _ in masks]))
-    scores = s.reshape(n, t + 1)
-    fractions = torch.tensor(counts, dtype=dt, device=scores.device) / hw
-    auc = torch.trapezoid(scores, fractions, dim=1)
-    return Curve(fractions.to(x.dtype), scores.to(x.dtype), auc.to(x.dtype))
+def _curve_metric(kind: str, summary: str, what: str, verdict: str) -> Callable:
+    """The deletion or insertion curve: the two differ only in what a masked pixel takes."""
 
+    def curve(a: Attribution, steps: int = 100, baseline: float | Tensor = 0.0, *, score: str = "softmax",
+              batch_size: int = 64) -> Curve:
+        n, (h, w) = a.n, a.x.shape[-2:]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps must be a positive int, got {steps!r}")
+        hw = h * w
+        t = min(steps, hw)
+        counts = [(j * hw) // t for j in range(t + 1)]  # pixels removed / inserted at step j
+        order = torch.argsort(a.map.reshape(n, -1), dim=1, descending=True, stable=True)  # type: ignore[union-attr]
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(hw).expand(n, hw).contiguous())
+        masks = [(i, (rank[i] < c).reshape(h, w)) for i in range(n) for c in counts]
+        s = _masked_scores(a, masks, baseline, score, batch_size, deletion=kind == "deletion")
+        scores = s.reshape(n, t + 1)
+        fractions = torch.tensor(counts, dtype=a.dtype, device=scores.device) / hw
+        auc = torch.trapezoid(scores, fractions, dim=1)
+        return Curve(a.result(fractions), a.result(scores), a.result(auc))
 
-_CURVE_DOC = """
+    curve.__name__ = curve.__qualname__ = f"{kind}_curve"
+    curve.__doc__ = f"""{summary}
 
     Pixels (spatial positions, all channels) are ranked by the map, highest
     first (ties: row-major order). With ``T = min(steps, H*W)`` steps, step j
-    ({what}) the top ``floor(j * H*W / T)`` pixels, j = 0..T. ``auc`` is the
+    {what} the top ``floor(j * H*W / T)`` pixels, j = 0..T. ``auc`` is the
     trapezoid area of the scores over the removed / inserted fraction on [0, 1].
+    {verdict}
 
-    Args:
-        model: any ``nn.Module`` (a private eval-mode copy is used).
-        x: the input batch (N, ..., H, W) (dim >= 3).
+    Args (``x`` (N, ..., H, W); a callable target is applied to batches (B, K), row by row):
         saliency_map: (N, H, W), or shaped like x (reduced by max over channels of |.|).
-        target: an int, a sequence / 1-D tensor of N ints, or a row-wise callable (B, K) -> (B,).
         steps: the number of steps T (at most H*W).
         baseline: the "removed" value: a number or a tensor broadcastable to x (e.g. a blurred x).
         score: "softmax" (the target's probability, default, as in RISE) or "logit" (raw score).
-        output, dtype, batch_size: as in :func:`reconviz.saliency.occlusion`.
+        batch_size: inputs per forward pass (does not change the result).
 
     Returns:
         A :class:`Curve` (fractions, scores (N, T + 1), auc (N,)).
     """
+    return attribution(min_dim=3, with_map=True)(curve)
 
 
-def deletion_curve(
-    model: nn.Module,
-    x: Tensor,
-    saliency_map: Tensor,
-    target: Target,
-    steps: int = 100,
-    baseline: float | Tensor = 0.0,
-    *,
-    score: str = "softmax",
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
-    batch_size: int = 64,
-) -> Curve:
-    return _curve("deletion", model, x, saliency_map, target, steps, baseline, score, output, dtype, batch_size)
-
-
-def insertion_curve(
-    model: nn.Module,
-    x: Tensor,
-    saliency_map: Tensor,
-    target: Target,
-    steps: int = 100,
-    baseline: float | Tensor = 0.0,
-    *,
-    score: str = "softmax",
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
-    batch_size: int = 64,
-) -> Curve:
-    return _curve("insertion", model, x, saliency_map, target, steps, baseline, score, output, dtype, batch_size)
-
-
-deletion_curve.__doc__ = (
-    "Deletion curve (RISE): the class score as the most important pixels are replaced by the baseline."
-    + _CURVE_DOC.format(what="sets to the baseline, starting from x,")
-    + "\n    A faithful map drops the score fast: a *low* deletion AUC is good.\n"
-)
-insertion_curve.__doc__ = (
-    "Insertion curve (RISE): the class score as the most important pixels of x are put into the baseline."
-    + _CURVE_DOC.format(what="copies from x into the baseline image,")
-    + "\n    A faithful map raises the score fast: a *high* insertion AUC is good.\n"
-)
+deletion_curve = _curve_metric(
+    "deletion", "Deletion curve (RISE): the class score as the most important pixels are replaced by the baseline.",
+    "sets to the baseline, starting from x,", "A faithful map drops the score fast: a *low* deletion AUC is good.")
+insertion_curve = _curve_metric(
+    "insertion", "Insertion curve (RISE): the class score as the most important pixels of x are put into the "
+    "baseline.", "copies from x into the baseline image,",
+    "A faithful map raises the score fast: a *high* insertion AUC is good.")
 
 
 def deletion_auc(model: nn.Module, x: Tensor, saliency_map: Tensor, target: Target, **options: Any) -> Tensor:

@@ -1,31 +1,31 @@
-"""Shared plumbing of the attribution methods: input checks, the target rule,
-a private working copy of the model, hook bookkeeping and batched scoring.
+"""The attribution family's shared base: one call shape, one prologue.
 
-Every method in :mod:`reconviz.saliency` and :mod:`reconviz.metrics` runs the
-user's model the same way:
+Every model-based method of :mod:`reconviz.saliency` and :mod:`reconviz.metrics`
+is a function ``body(a, **options)`` wrapped by :func:`attribution`, which makes
+it ``method(model, x, target, *options, output=None, dtype=torch.float64)``
+(metrics take ``saliency_map`` between ``x`` and ``target``). The wrapper runs
+the prologue once for all of them and hands the body an :class:`Attribution`:
 
-* ``x`` is checked by :func:`check_input` (a finite floating tensor with a
-  batch dimension);
-* the model is deep-copied by :func:`working_model` (eval mode, the working
-  dtype, ``x``'s device, parameters frozen); the user's model is never run,
-  hooked, moved, cast or switched to eval, so its ``state_dict``, training
-  flags, ``requires_grad`` flags and hook dictionaries are unchanged whatever
-  happens, errors included;
-* every hook put on the copy is registered through :class:`Hooks`, which
-  removes them in a ``finally``;
-* the class score comes from :func:`resolve_target`, the one place that turns
-  ``target`` into scores.
+* ``model`` is checked and deep-copied (:func:`reconviz.probe.eval_copy`: eval
+  mode, the working dtype, ``x``'s device, parameters frozen, no user hooks);
+  the user's model is never run, hooked, moved or cast, errors included;
+* ``x`` is checked (:func:`check_input`) and cast (``a.xw``, read only);
+* ``target``'s form is checked against ``N`` (:func:`target_index`), and
+  :meth:`Attribution.score` is the one place that turns it into scores
+  (:func:`resolve_target`, which also checks the range);
+* results come back in ``x``'s dtype (:meth:`Attribution.result`), and the
+  copy is dropped in a ``finally``.
 
-The working copy and the logits selector are the core's own
-(:func:`reconviz.probe.eval_copy`, :func:`reconviz.probe.select_output`), so a
-model is copied, checked and read the same way by every entry point.
+A method then states only what differs: its options and its body.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence, Union
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError, TrainingModeWarning
-from ..probe import eval_copy
+from ..probe import OutputSelector, _warn_training, check_model, eval_copy
 from ..probe import select_output as select_logits
 
 __all__ = [
@@ -42,20 +42,21 @@ __all__ = [
     "TrainingModeWarning",
     "Target",
     "OutputSelector",
+    "Attribution",
+    "attribution",
     "check_input",
     "check_dtype",
+    "check_map",
     "resolve_target",
     "target_index",
     "select_logits",
-    "working_model",
     "Hooks",
     "BatchInvariant",
-    "score_batches",
     "as_baseline",
 ]
 
+#: The one target type of the family (see :func:`resolve_target`).
 Target = Union[int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
-OutputSelector = Union[int, str, Callable[[Any], Tensor], None]
 
 
 # --------------------------------------------------------------------------
@@ -91,8 +92,29 @@ def check_dtype(dtype: torch.dtype | None, x: Tensor) -> torch.dtype:
     return dt
 
 
+def check_map(saliency: Any, x: Tensor) -> Tensor:
+    """A map for ``x`` as (N, H, W) float64 on the CPU: as given if (N, H, W); if shaped like
+    ``x``, the saliency-map rule max over channels of ``|map|``."""
+    if not isinstance(saliency, Tensor):
+        raise InputError(f"saliency_map must be a tensor, got {type(saliency).__name__}")
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    if saliency.shape == (n, h, w):
+        m = saliency
+    elif saliency.shape == x.shape:
+        m = saliency.abs().reshape(n, -1, h, w).amax(1)
+    else:
+        raise InputError(
+            f"saliency_map must be (N, H, W) = {(n, h, w)} or shaped like x {tuple(x.shape)}, "
+            f"got {tuple(saliency.shape)}"
+        )
+    m = m.detach().to(torch.float64)
+    if not bool(torch.isfinite(m).all()):
+        raise InputError("saliency_map contains NaN/Inf values")
+    return m.cpu()
+
+
 # --------------------------------------------------------------------------
-# The target rule (one helper, used by every method)
+# The target rule (one rule, used by every method)
 # --------------------------------------------------------------------------
 
 
@@ -167,25 +189,8 @@ def resolve_target(output: Tensor, target: Target) -> Tensor:
 
 
 # --------------------------------------------------------------------------
-# The working copy and hooks
+# Hooks on the working copy
 # --------------------------------------------------------------------------
-
-
-@contextmanager
-def working_model(model: nn.Module, dtype: torch.dtype, device: torch.device) -> Iterator[nn.Module]:
-    """A private deep copy of ``model``: eval mode, ``dtype``, on ``device``, parameters frozen.
-
-    The user's model itself is only read (``copy.deepcopy``): its parameters,
-    buffers, training flags, ``requires_grad`` flags and hooks stay as they were,
-    also when the body raises. A model in training mode triggers a
-    :class:`TrainingModeWarning` (the copy uses running BatchNorm statistics and
-    no dropout).
-    """
-    work = eval_copy(model, dtype, device, stacklevel=5)
-    try:
-        yield work
-    finally:
-        del work
 
 
 class Hooks:
@@ -286,40 +291,146 @@ def as_baseline(baseline: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
     return b
 
 
-@torch.no_grad()
-def score_batches(
-    work: nn.Module,
-    make: Callable[[int, int], Tensor],
-    rows: Tensor,
-    n_probes: int,
-    target: Target,
-    *,
-    output: OutputSelector,
-    batch_size: int,
-    transform: Callable[[Tensor], Tensor] | None = None,
-    after: Callable[[int, int], None] | None = None,
-) -> Tensor:
-    """Scores (len(rows),) of inputs made in chunks: ``make(start, stop)`` builds rows start..stop-1.
+# --------------------------------------------------------------------------
+# The base: one call of an attribution method
+# --------------------------------------------------------------------------
 
-    ``rows[j]`` (in ``0..n_probes-1``) is the probe index of row j (picks that probe's class for int
-    targets). ``transform`` is applied to the logits before the target (e.g.
-    softmax). Runs under :class:`BatchInvariant`, so the scores do not depend on
-    ``batch_size``. ``after(start, stop)`` is called after each chunk's forward.
+
+_NO_MAP = object()  # a method that takes no saliency map
+
+
+class Attribution:
+    """One call of an attribution method, after the shared prologue (see :func:`attribution`).
+
+    Attributes:
+        model: the user's model (only read; never run).
+        x: the checked input batch (N, ...); ``n`` = N.
+        dtype: the working dtype.
+        xw: ``x`` detached, in ``dtype``: may share ``x``'s memory, so read it, never write it.
+        target, output: as given; ``index``: the (N,) class indices, None for a callable target.
+        map: the checked (N, H, W) map (:func:`check_map`) of a metric, else None.
+        work: the private eval-mode copy of the model (None with ``model_copy=False``).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    idx = target_index(target, n_probes)
-    count = rows.numel()
-    out_scores = []
-    with BatchInvariant():
-        for start in range(0, count, batch_size):
-            stop = min(count, start + batch_size)
-            batch = make(start, stop).clone()  # the model may write into its input: never into x
-            logits = select_logits(work(batch), output, stop - start)
-            if transform is not None:
-                logits = transform(logits)
-            t = target if idx is None else idx[rows[start:stop]]
-            out_scores.append(resolve_target(logits, t).detach())
-            if after is not None:
-                after(start, stop)
-    return torch.cat(out_scores)
+
+    def __init__(self, model: nn.Module, x: Any, target: Target, *, output: OutputSelector,
+                 dtype: torch.dtype | None, min_dim: int = 2, saliency_map: Any = _NO_MAP,
+                 model_copy: bool = True) -> None:
+        self.model = check_model(model)
+        self.x = check_input(x, min_dim=min_dim)
+        self.n = self.x.shape[0]
+        self.dtype = check_dtype(dtype, self.x)
+        self.map = None if saliency_map is _NO_MAP else check_map(saliency_map, self.x)
+        self.target, self.output = target, output
+        self.index = target_index(target, self.n)  # the form now; the range on the first output
+        self.xw = self.x.detach().to(self.dtype)
+        # a TrainingModeWarning points at the caller of the public method
+        self.work = eval_copy(model, self.dtype, self.x.device, stacklevel=4) if model_copy else None
+        if not model_copy:
+            _warn_training(model, stacklevel=4)
+
+    def close(self) -> None:
+        self.work = None
+
+    def result(self, t: Tensor) -> Tensor:
+        """``t`` detached, in ``x``'s dtype."""
+        return t.detach().to(self.x.dtype)
+
+    def score(self, raw: Any, rows: Tensor | None = None,
+              transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The class score of each row of a model output: the logits picked by ``output``,
+        ``transform`` (e.g. softmax), then the target. Row j of a batch belongs to probe
+        ``rows[j]`` (default: row i is probe i), whose class it takes."""
+        logits = select_logits(raw, self.output, self.n if rows is None else rows.numel())
+        return self.resolve(logits if transform is None else transform(logits), rows)
+
+    def resolve(self, logits: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The target applied to selected logits (B, K) (:func:`resolve_target`); rows as in :meth:`score`."""
+        if self.index is None:
+            return resolve_target(logits, self.target)
+        return resolve_target(logits, self.index if rows is None else self.index[rows])
+
+    def input_gradient(self, mode: Callable[[nn.Module], ContextManager[Any]] | None = None) -> Tensor:
+        """d score / d x in ``dtype``: the backward pass every input-space map shares.
+
+        ``mode(work)``, when given, is a context around the forward pass (e.g. a
+        TorchFunctionMode that swaps the rectifiers' backward rule). The forward
+        runs on a non-leaf clone, so a model that writes into its input works and
+        ``x`` is never written to."""
+        xg = self.xw.clone().requires_grad_(True)
+        with torch.enable_grad():
+            with mode(self.work) if mode is not None else nullcontext():
+                raw = self.work(xg.clone())  # type: ignore[misc]
+            (g,) = torch.autograd.grad(self.score(raw).sum(), xg, allow_unused=True)
+        return torch.zeros_like(xg) if g is None else g.detach()  # None: the score ignores x
+
+    @torch.no_grad()
+    def scores(self, make: Callable[[int, int], Tensor], rows: Tensor, batch_size: int, *,
+               transform: Callable[[Tensor], Tensor] | None = None,
+               after: Callable[[int, int], None] | None = None) -> Tensor:
+        """Scores (len(rows),) of inputs made in chunks: ``make(start, stop)`` builds rows start..stop-1.
+
+        ``rows[j]`` is the probe of row j (see :meth:`score`). Runs under
+        :class:`BatchInvariant`, so the scores do not depend on ``batch_size``.
+        ``after(start, stop)`` is called after each chunk's forward."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        out = []
+        with BatchInvariant():
+            for start in range(0, rows.numel(), batch_size):
+                stop = min(rows.numel(), start + batch_size)
+                batch = make(start, stop).clone()  # the model may write into its input: never into x
+                out.append(self.score(self.work(batch), rows[start:stop], transform).detach())  # type: ignore[misc]
+                if after is not None:
+                    after(start, stop)
+        return torch.cat(out)
+
+
+_P = inspect.Parameter
+_SHARED = [_P("output", _P.KEYWORD_ONLY, default=None), _P("dtype", _P.KEYWORD_ONLY, default=torch.float64)]
+
+
+def attribution(*, min_dim: int = 2, with_map: bool = False, model_copy: bool = True) -> Callable:
+    """Make ``body(a: Attribution, *options)`` an attribution method of the family.
+
+    The method's signature is ``(model, x, [saliency_map,] target, *options,
+    output=None, dtype=torch.float64)``: ``saliency_map`` with ``with_map`` (the
+    metrics), ``min_dim`` the least dimension of ``x``, ``model_copy=False`` for a
+    body that hands ``a.model`` to the reconstruction (which copies it itself).
+    """
+
+    def wrap(body: Callable) -> Callable:
+        options = list(inspect.signature(body).parameters.values())[1:]
+        lead = ["model", "x"] + (["saliency_map"] if with_map else []) + ["target"]
+        sig = inspect.Signature(
+            [_P(name, _P.POSITIONAL_OR_KEYWORD) for name in lead] + options + _SHARED,
+            return_annotation=inspect.signature(body).return_annotation,
+        )
+
+        @functools.wraps(body)
+        def method(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            kw = bound.arguments
+            a = Attribution(kw.pop("model"), kw.pop("x"), kw.pop("target"), output=kw.pop("output"),
+                            dtype=kw.pop("dtype"), min_dim=min_dim, saliency_map=kw.pop("saliency_map", _NO_MAP),
+                            model_copy=model_copy)
+            try:
+                return body(a, **kw)
+            finally:
+                a.close()
+
+        method.__signature__ = sig  # type: ignore[attr-defined]
+        method.__doc__ = (body.__doc__ or "").rstrip() + _CALL_DOC
+        return method
+
+    return wrap
+
+
+_CALL_DOC = """
+
+    Shared arguments (one call shape for the family, see :mod:`reconviz.saliency`):
+    ``model`` (left untouched: a private eval-mode copy is used), ``x`` (N, ...),
+    ``target`` (an int, N ints, or a callable (N, K) -> (N,)), ``output`` (selects
+    the logits of a tuple / dict output), ``dtype`` (working precision, default
+    float64; None: x's dtype).
+"""

@@ -44,6 +44,7 @@ both methods, like max pooling.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -53,12 +54,11 @@ from torch import Tensor
 from ..errors import InputError, UnsupportedOperationError
 from ..ops.base import op_name
 from ..ops.gates import Call, ElementwiseGate, Gate
-from ..probe import GateMode, OutputSelector
-from .gradient import input_gradient
+from ..probe import GateMode
+from ._common import Attribution, attribution
 
 __all__ = ["guided_backprop", "deconvnet", "RectifierMode"]
 
-Target = int | Any | Callable[[Tensor], Tensor]
 METHODS = ("deconvnet", "guided")
 
 
@@ -132,60 +132,22 @@ class RectifierMode(GateMode):
 # --------------------------------------------------------------------------
 
 
-def _backward_map(
-    method: str,
-    model: nn.Module,
-    x: Tensor,
-    target: Target,
-    *,
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
-) -> Tensor:
-    """The gradient's backward pass with the rectifiers' rule swapped for ``method``'s."""
-    return input_gradient(model, x, target, output=output, dtype=dtype, mode=lambda work: RectifierMode(work, method))
+@attribution()
+def deconvnet(a: Attribution) -> Tensor:
+    """Zeiler & Fergus deconvnet map of class ``target``, shaped and typed like ``x``.
 
-
-def deconvnet(
-    model: nn.Module,
-    x: Tensor,
-    target: Target,
-    *,
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
-) -> Tensor:
-    """Zeiler & Fergus deconvnet map of class ``target`` at each input of ``x`` (N, ...).
-
-    The class score is propagated back through transposed filters (the ordinary
-    conv/linear backward), max-unpooling with the forward switches (the
-    ordinary max-pool backward) and a ReLU applied to the *backward* signal
-    instead of the forward mask (see the module docs for other rectifiers).
-
-    Args:
-        model: any ``nn.Module``; a deep copy in eval mode is used, the model is untouched.
-        x: the input batch (N, ...).
-        target: an output index for all inputs, a sequence of N indices (one per
-            input), or a callable mapping the model output (N, K) to scores (N,).
-        output: selects the logits when the model returns a tuple, dict or object.
-        dtype: working precision (default float64; None: x's dtype).
-
-    Returns:
-        A tensor shaped and typed like ``x``.
+    The gradient's backward pass (transposed filters; max-unpooling with the
+    forward switches), except that each rectifier passes ``rho(R_out)``, not the
+    forward mask (see the module docs for other rectifiers).
     """
-    return _backward_map("deconvnet", model, x, target, output=output, dtype=dtype)
+    return a.result(a.input_gradient(partial(RectifierMode, method="deconvnet")))
 
 
-def guided_backprop(
-    model: nn.Module,
-    x: Tensor,
-    target: Target,
-    *,
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
-) -> Tensor:
-    """Guided backpropagation (Springenberg et al. 2015) of class ``target`` at ``x`` (N, ...).
+@attribution()
+def guided_backprop(a: Attribution) -> Tensor:
+    """Guided backpropagation (Springenberg et al. 2015) of class ``target``, shaped and typed like ``x``.
 
-    Like the gradient, except that at every rectifier the backward signal is
-    masked by both the forward activation (z > 0) and its own sign (> 0).
-    Arguments and result as in :func:`deconvnet`.
+    The gradient's backward pass, except that each rectifier passes ``D * rho(R_out)``:
+    masked by both the forward activation and the backward signal's sign.
     """
-    return _backward_map("guided", model, x, target, output=output, dtype=dtype)
+    return a.result(a.input_gradient(partial(RectifierMode, method="guided")))

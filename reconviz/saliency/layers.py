@@ -56,7 +56,6 @@ are outside what the test can see.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -66,21 +65,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._common import (
-    Hooks,
-    InputError,
-    OutputSelector,
-    Target,
-    check_dtype,
-    check_input,
-    resolve_target,
-    select_logits,
-    working_model,
-)
-from ..errors import UnsupportedOperationError
+from ._common import Attribution, Hooks, InputError, attribution, check_dtype, check_input
+from ..errors import TrainingModeWarning, UnsupportedOperationError
 from ..ops.base import op_name
 from ..ops.gates import Call, Gate
-from ..probe import GateMode, check_model
+from ..probe import GateMode, eval_copy
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
@@ -198,32 +187,24 @@ class _Recorder:
 # --------------------------------------------------------------------------
 
 
+@attribution()
 def layer_gradients(
-    model: nn.Module,
-    x: Tensor,
-    target: Target,
+    a: Attribution,
     layers: Layers = None,
     *,
     project: bool = False,
     fields: Mapping[str, "ReceptiveField"] | None = None,
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
     batch_size: int = 64,
 ) -> dict[str, Tensor]:
     """The gradient of the class score w.r.t. the output of every selected layer.
 
     Args:
-        model: any ``nn.Module``; a private eval-mode copy is used, the model is left untouched.
-        x: the input batch (N, ...).
-        target: an int, a sequence / 1-D tensor of N ints, or a callable (N, K) -> (N,).
         layers: None (every leaf module of :data:`DEFAULT_LAYER_TYPES`: conv,
             linear, ReLU-family, pooling), a module name, a module type, or a
             sequence of names and/or types.
         project: return the input-space projections (:func:`project_to_input`)
             instead of the gradients; needs x of shape (N, C, H, W).
         fields: precomputed :func:`receptive_fields` for ``project`` (computed when None).
-        output: selects the logits when the model returns a tuple, dict or object.
-        dtype: working precision (default float64; None: x's dtype).
         batch_size: for the receptive-field computation (``project=True``).
 
     Returns:
@@ -235,9 +216,6 @@ def layer_gradients(
         (``ReLU(inplace=True)`` after a conv) do not change it. With
         ``project=True``: name -> (N, H, W) projection.
     """
-    x = check_input(x)
-    dt = check_dtype(dtype, x)
-    n = x.shape[0]
     eps: list[Tensor] = []
 
     def add_zero(name: str, t: Tensor) -> Tensor:
@@ -246,23 +224,18 @@ def layer_gradients(
         eps.append(e)
         return t + e
 
-    with working_model(model, dt, x.device) as work:
-        rec = _Recorder(_select_layers(work, layers), add_zero)
-        with Hooks() as hooks:
-            rec.install(hooks)
-            xw = x.detach().to(dt).clone().requires_grad_(False)
-            with torch.enable_grad():
-                out = select_logits(work(xw), output, n)
-                score = resolve_target(out, target)
-                grads = torch.autograd.grad(score.sum(), eps, allow_unused=True) if eps else ()
+    rec = _Recorder(_select_layers(a.work, layers), add_zero)
+    with Hooks() as hooks, torch.enable_grad():
+        rec.install(hooks)
+        score = a.score(a.work(a.xw.clone()))  # type: ignore[misc]
+        grads = torch.autograd.grad(score.sum(), eps, allow_unused=True) if eps else ()
     result = {
-        k: (torch.zeros_like(e) if g is None else g).detach().to(x.dtype)
-        for k, e, g in zip(_keys(rec.calls), eps, grads)
+        k: a.result(torch.zeros_like(e) if g is None else g) for k, e, g in zip(_keys(rec.calls), eps, grads)
     }
     if not project:
         return result
     if fields is None:
-        fields = receptive_fields(model, x, layers, dtype=dt, batch_size=batch_size)
+        fields = receptive_fields(a.model, a.x, layers, dtype=a.dtype, batch_size=batch_size)
     return project_to_input(result, fields)
 
 
@@ -355,12 +328,13 @@ class _ConnectivityMode(GateMode):
 
 
 def _connectivity_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A deep copy with positive weights (1/fan_in), zero biases and neutral BatchNorm statistics."""
-    check_model(model)
-    conn = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
+    """An eval copy (no user hooks) with positive weights (1/fan_in), zero biases and neutral
+    BatchNorm statistics."""
+    with warnings.catch_warnings():  # the test reads the graph only: the model's mode does not matter
+        warnings.simplefilter("ignore", TrainingModeWarning)
+        conn = eval_copy(model, dtype, device)
     with torch.no_grad():
         for pname, p in conn.named_parameters():
-            p.requires_grad_(False)
             if not p.is_floating_point():
                 continue
             leaf = pname.rsplit(".", 1)[-1]

@@ -31,19 +31,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._common import (
-    Hooks,
-    InputError,
-    OutputSelector,
-    Target,
-    as_baseline,
-    check_dtype,
-    check_input,
-    named_module,
-    score_batches,
-    target_index,
-    working_model,
-)
+from ._common import Attribution, Hooks, InputError, as_baseline, attribution, named_module
 
 __all__ = ["occlusion", "OcclusionResult", "patch_positions"]
 
@@ -94,10 +82,9 @@ def patch_positions(size: int, window: int, stride: int) -> list[int]:
     return pos
 
 
+@attribution(min_dim=3)
 def occlusion(
-    model: nn.Module,
-    x: Tensor,
-    target: Target,
+    a: Attribution,
     window: int | Sequence[int] = (8, 8),
     stride: int | Sequence[int] | None = None,
     baseline: float | Tensor = 0.0,
@@ -105,17 +92,13 @@ def occlusion(
     feature: tuple[str, int] | None = None,
     *,
     full: bool = False,
-    output: OutputSelector = None,
-    dtype: torch.dtype | None = torch.float64,
 ) -> Tensor | OcclusionResult:
     """Occlusion map: the class-score drop when a ``baseline`` patch hides each region.
 
+    ``x`` is (N, ..., H, W) (the last two axes are spatial); a callable target is
+    called on batches of occluded inputs (B, K), row by row.
+
     Args:
-        model: any ``nn.Module``; a private eval-mode copy is used, the model is left untouched.
-        x: the input batch (N, ..., H, W) (dim >= 3; the last two axes are spatial).
-        target: an int, a sequence / 1-D tensor of N ints, or a callable mapping
-            the output (B, K) to scores (B,) row by row (it is called on batches of
-            occluded inputs, not on the N probes).
         window: patch size (h, w), or an int for a square patch.
         stride: patch step (sh, sw) or an int, at most the window; default half the
             window (at least 1).
@@ -126,19 +109,13 @@ def occlusion(
             position, the maximum of that module's output channel (over its
             spatial positions; over all calls if the module runs several times).
         full: return the :class:`OcclusionResult` even without ``feature``.
-        output: selects the logits when the model returns a tuple, dict or object.
-        dtype: working precision (default float64; None: x's dtype).
 
     Returns:
-        The (N, H, W) map of score drops ``S(x) - S(x occluded)`` averaged over
-        the patches covering each pixel (positive: hiding the pixel lowers the
-        score), in x's dtype; or, with ``feature`` or ``full=True``, an
-        :class:`OcclusionResult` holding it with the per-patch scores and
-        feature maxima.
+        The (N, H, W) map of score drops ``S(x) - S(x occluded)`` averaged over the
+        patches covering each pixel (positive: hiding the pixel lowers the score),
+        in x's dtype; with ``feature`` or ``full=True``, an :class:`OcclusionResult`.
     """
-    x = check_input(x, min_dim=3)
-    dt = check_dtype(dtype, x)
-    n = x.shape[0]
+    x, n, dt = a.x, a.n, a.dtype
     hh, ww = x.shape[-2:]
     wh, wwid = _pair(window, "window")
     if wh > hh or wwid > ww:
@@ -153,13 +130,12 @@ def occlusion(
             raise InputError(f"feature must be (module_name, channel), got {feature!r}")
         if isinstance(feature[1], bool) or not isinstance(feature[1], int):
             raise InputError(f"feature channel must be an int, got {feature[1]!r}")
-    target_index(target, n)  # validate the form early (range is checked on the first batch)
 
     rows = patch_positions(hh, wh, sh)
     cols = patch_positions(ww, wwid, sw)
     patches = [(r, c) for r in rows for c in cols]  # raster order
     n_p = len(patches)
-    xw = x.detach().to(dt)
+    xw = a.xw
     base = as_baseline(baseline, xw, dt)
 
     def make(start: int, stop: int) -> Tensor:
@@ -192,20 +168,13 @@ def occlusion(
             feats.append(torch.stack(current).amax(0))
             current.clear()
 
-    with working_model(model, dt, x.device) as work, Hooks() as hooks:
+    with Hooks() as hooks:
         if feature is not None:
-            hooks.add(named_module(work, feature[0]).register_forward_hook(record))
-        probe_rows = torch.arange(n)
-        base_score = score_batches(
-            work, lambda a, b: xw[a:b], probe_rows, n, target,
-            output=output, batch_size=batch_size, after=flush,
-        )
+            hooks.add(named_module(a.work, feature[0]).register_forward_hook(record))
+        base_score = a.scores(lambda s, e: xw[s:e], torch.arange(n), batch_size, after=flush)
         base_feat = torch.cat(feats) if feature is not None else None
         feats.clear()
-        scores = score_batches(
-            work, make, torch.arange(n).repeat_interleave(n_p), n, target,
-            output=output, batch_size=batch_size, after=flush,
-        ).reshape(n, n_p)
+        scores = a.scores(make, torch.arange(n).repeat_interleave(n_p), batch_size, after=flush).reshape(n, n_p)
         feat = torch.cat(feats).reshape(n, n_p) if feature is not None else None
 
     drop = base_score[:, None] - scores  # (N, P)
