@@ -11,6 +11,7 @@ classic CNN visualizations beside it.
 from .basis import Basis, make_basis
 from .errors import (
     ExactnessError,
+    HooksRemovedWarning,
     InputError,
     ReconvizError,
     ReplayMismatchError,
@@ -21,16 +22,16 @@ from .ops.gates import GATES, Gate, Prior, register_gate
 from .linearize import LinearizedModel, linearize
 from .pipeline import reconstruct
 from .radius import Radius, certified_radius
-from .reconstruction import Reconstruction, tolerance_for
-from .verify import VerificationReport, verify
+from .reconstruction import FrozenOp, Reconstruction, tolerance_for
+from .verify import VerificationReport, VerifyBackend, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Basis", "make_basis", "ExactnessError", "InputError", "ReconvizError", "ReplayMismatchError",
+    "Basis", "make_basis", "ExactnessError", "HooksRemovedWarning", "InputError", "ReconvizError", "ReplayMismatchError",
     "TrainingModeWarning", "UnsupportedOperationError", "GATES", "Gate", "Prior", "register_gate",
     "LinearizedModel", "linearize", "reconstruct", "Radius", "certified_radius", "Reconstruction",
-    "tolerance_for", "VerificationReport", "verify", "__version__",
+    "FrozenOp", "tolerance_for", "VerificationReport", "VerifyBackend", "verify", "__version__",
 ]
 
 
@@ -38,6 +39,6 @@ def __getattr__(name: str):
     # Submodules with heavier imports load on first use: rv.plot, rv.saliency, rv.metrics, rv.onnx, rv.models
     import importlib
 
-    if name in ("plot", "saliency", "metrics", "onnx", "models", "cli", "bench"):
+    if name in ("plot", "saliency", "metrics", "onnx", "models", "cli"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'reconviz' has no attribute {name!r}")

@@ -773,7 +773,7 @@ def _figure_probes(n_probes: int, chosen: Sequence[int] | None = None) -> list[i
 
 
 def _write_report(report: Any, out: Path) -> list[Path]:
-    from .reconstruction import atomic_write
+    from .files import atomic_write
 
     text, js = out / "report.txt", out / "report.json"
     atomic_write(text, lambda f: f.write((str(report) + "\n").encode()))

@@ -48,3 +48,7 @@ class ExactnessError(ReconvizError, RuntimeError):
 
 class TrainingModeWarning(UserWarning):
     """The model was in training mode; reconviz reconstructed an eval-mode copy."""
+
+
+class HooksRemovedWarning(UserWarning):
+    """The model has forward hooks; reconviz's copy runs without them (``keep_hooks=True`` keeps them)."""

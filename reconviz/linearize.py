@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .errors import InputError, ReplayMismatchError
+from .errors import InputError, ReconvizError, ReplayMismatchError
 from .ops.base import op_name
 from .ops.gates import Call, Gate, Prior, gate_named
-from .probe import GateMode, OutputSelector, Probe, Recording, probe, record, select_output
+from .probe import MODEL_ERRORS, GateMode, OutputSelector, Probe, Recording, probe, record, select_output
 
 __all__ = ["LinearizedModel", "linearize", "ReplayMode"]
 
@@ -53,6 +53,10 @@ class ReplayMode(GateMode):
             return call.original()
         if self.observer is not None:
             self.observer(self.i - 1, gate, prior, call.z)
+        return self.run(gate, prior, call)
+
+    def run(self, gate: Gate, prior: Prior, call: Call) -> Any:
+        """The gated call, frozen at its prior."""
         return gate.apply(prior, call)
 
     def finish(self) -> None:
@@ -61,6 +65,13 @@ class ReplayMode(GateMode):
                 f"the model made {self.i} gated calls, but the probe recorded {len(self.priors)}: "
                 "its control flow depends on the input"
             )
+
+
+class ModelMode(ReplayMode):
+    """The *model*, not g: each gated call runs as written (the observer still sees it)."""
+
+    def run(self, gate: Gate, prior: Prior, call: Call) -> Any:
+        return call.original()
 
 
 class LinearizedModel(nn.Module):
@@ -142,6 +153,18 @@ class LinearizedModel(nn.Module):
         return graph
 
     # running --------------------------------------------------------------
+    def model_at(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The *model* (not g) at a batch of N inputs, and (N,) bool: does input i make every
+        choice probe i made? One pass, each gate's :meth:`~reconviz.ops.gates.Gate.same_choice`
+        observing it."""
+        held = torch.ones(x.shape[0], dtype=torch.bool, device=self.probes.device)
+
+        def observe(i: int, gate: Gate, prior: Prior, z: Tensor) -> None:
+            held.mul_(gate.same_choice(prior, z).to(held.device))
+
+        with torch.no_grad():
+            return self(x, observer=observe, mode=ModelMode), held
+
     def record_at(self, x: Tensor) -> Recording:
         """The *model* (not g) at ``x`` (N, ...): its outputs and the choices its gates make there."""
         return record(self.work, self._check(x), self.output)
@@ -150,16 +173,25 @@ class LinearizedModel(nn.Module):
         """True when ``priors`` (from :meth:`record_at`) make every choice the probe made."""
         return len(priors) == len(self.priors) and all(_same_prior(a, b) for a, b in zip(priors, self.priors))
 
-    def forward(self, x: Tensor, observer: Observer | None = None) -> Tensor:
+    def forward(self, x: Tensor, observer: Observer | None = None, mode: type = ReplayMode) -> Tensor:
         x = self._check(x)
-        mode = ReplayMode(self.work, self.priors, observer)
+        mode = mode(self.work, self.priors, observer)
         try:
             with mode:
-                raw = self.work(x)
+                selected = select_output(self.work(x), self.output, x.shape[0])
             mode.finish()
+        except ReconvizError:
+            raise
+        except MODEL_ERRORS as e:
+            raise ReplayMismatchError(
+                f"the model failed on a batch of {x.shape[0]} inputs ({type(e).__name__}: {e}); the "
+                f"linearized model runs batches of r * {self.n_probes} (basis columns, the radius "
+                "sweep): a forward that hard-codes its batch size cannot take them. Use "
+                "method='adjoint', or let the forward read the batch size from its input"
+            ) from e
         finally:
             self.work._reconviz_stack.clear()  # type: ignore[attr-defined]
-        return select_output(raw, self.output, x.shape[0])
+        return selected
 
     def _check(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.sample_shape:

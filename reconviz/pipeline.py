@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .basis import BASES, Basis, make_basis
 from .errors import InputError
 from .linearize import LinearizedModel, as_linearized
 from .probe import OutputSelector
-from .reconstruction import Reconstruction, tolerance_for
+from .reconstruction import Reconstruction, frozen_summary, tolerance_for
 from .selfcheck import SelfCheck, affinity_point, compare_outputs, raise_if_failed
 from .solve import (
     METHODS,
@@ -128,48 +129,60 @@ def reconstruct(
         mapped=sink.mapped,
     )
     rec.meta["self_checks"] = [c.to_dict() for c in self_checks(lin, rec, seed)]
+    lin.take_graph()  # the probe pass's graph (if the solve left it) is not kept with the result
+    rec.linearized = lin  # verify's certified radius reuses it instead of probing again
+    lin.source = weakref.ref(model)  # ... for the same model only
     return checked(rec, start, probed, solved)
 
 
 def self_checks(lin: LinearizedModel, rec: Reconstruction, seed: int = 0) -> list[SelfCheck]:
     """The affinity and region self-checks of ``rec`` (see :mod:`reconviz.selfcheck`);
-    ExactnessError naming the one that fails."""
-    x = affinity_point(lin.probes, seed)
+    ExactnessError naming the one that fails. Two passes: g at the affinity point, and the
+    model at the region step (its gates' choices observed on the way)."""
+    x0 = lin.probes
+    x = x0 + AFFINITY_FAR * (affinity_point(x0, seed) - x0)
     with torch.no_grad():
         g = lin(x)[:, rec.classes]
     checks = [compare_outputs("affinity", rec(x), g, rec.tolerance,
-                              "g(x0 + d) vs W (x0 + d) + b, d random at the probe's scale")]
-    checks.append(region_check(lin, rec, seed))
+                              f"g(x) vs W x + b at x = x0 + {AFFINITY_FAR:g} d, d random at the probe's "
+                              "scale: far out, where a kink reconviz missed would show")]
+    checks.append(region_check(lin, rec))
     raise_if_failed(checks)
     return checks
 
 
-REGION_STEPS = (1e-3, 1e-6)  # relative sizes of the steps tried for the region check
+AFFINITY_FAR = 100.0  # the affinity point's distance, in units of the probe's scale
+REGION_STEP = 1e-6  # the region check's step, relative to max(1, |x0|_inf)
 
 
-def region_check(lin: LinearizedModel, rec: Reconstruction, seed: int = 0) -> SelfCheck:
-    """f(x0 + d) vs W (x0 + d) + b at a step d after which every gate still makes the probe's
-    choice (checked by recording the model there). Steps tried: along x0 itself (keeps exact
-    zeros, the usual source of ties), then along a random direction, each at REGION_STEPS."""
+def region_step(x0: Tensor) -> Tensor:
+    """x0 + s max(1, |x0|_inf) u, s = REGION_STEP, u = x0 / |x0|_inf: along the probe keeps its
+    exact zeros (the usual source of ties) at zero; an all-zero probe steps along ones."""
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    peak = x0.flatten(1).abs().amax(1)
+    unit = torch.where((peak > 0).reshape(shape), x0 / peak.clamp_min(1e-300).reshape(shape), torch.ones_like(x0))
+    return x0 + REGION_STEP * peak.clamp_min(1.0).reshape(shape) * unit
+
+
+def region_check(lin: LinearizedModel, rec: Reconstruction) -> SelfCheck:
+    """f(x) vs W x + b at x = :func:`region_step`, probe by probe where every gate makes that
+    probe's choice at x; a probe on a region boundary there is reported, not compared."""
     if lin.exactness != "region-exact":
         return SelfCheck("region", None, None, rec.tolerance, "point-exact: gates frozen at their values, no region")
-    x0 = lin.probes
-    directions = (x0, affinity_point(torch.zeros_like(x0), seed + 1))
-    for d in directions:
-        scale = x0.flatten(1).abs().amax(1).clamp_min(1.0).reshape((-1,) + (1,) * (x0.dim() - 1))
-        unit = d / d.flatten(1).abs().amax(1).clamp_min(1e-300).reshape(scale.shape)
-        for step in REGION_STEPS:
-            x = x0 + step * scale * unit
-            if torch.equal(x, x0):
-                continue
-            found = lin.record_at(x)
-            if lin.same_region(found.priors):
-                f = found.outputs.detach()[:, rec.classes]
-                return compare_outputs("region", rec(x), f, rec.tolerance,
-                                       f"f(x0 + d) vs W (x0 + d) + b, |d|_inf = {step:g} x max(1, |x0|_inf), "
-                                       "every gate making the probe's choice there")
-    return SelfCheck("region", None, None, rec.tolerance, "every step tried changed a gate's choice: the "
-                     "probe lies on a region boundary (ties; certified radius 0)")
+    x = region_step(lin.probes)
+    try:
+        f, held = lin.model_at(x)
+    except NotImplementedError:  # a custom gate that cannot tell its choice
+        return SelfCheck("region", None, None, rec.tolerance, "a custom gate defines no same_choice")
+    n, k = lin.n_probes, int(held.sum())
+    if k == 0:
+        return SelfCheck("region", None, None, rec.tolerance, "the step changed a gate's choice for every "
+                         "probe: they lie on region boundaries (ties; certified radius 0)")
+    where = (f"f(x) vs W x + b at {k} of {n} probe(s), x = x0 + d, |d|_inf = {REGION_STEP:g} x "
+             "max(1, |x0|_inf), every gate making the probe's choice there")
+    if k < n:
+        where += f"; {n - k} probe(s) on a region boundary"
+    return compare_outputs("region", rec(x)[held], f[:, rec.classes][held], rec.tolerance, where)
 
 
 def check_options(basis: str | Basis, chunk_size: int | None) -> None:
@@ -200,7 +213,8 @@ def _meta(model: nn.Module, lin: LinearizedModel, method: str, basis: Any, seed:
         "seed": seed if basis == "random" else None,
         "tolerance": tolerance_for(lin.dtype),
         "exactness": lin.exactness,
-        "gates": lin.gate_counts(),
+        "gates": lin.gate_counts(),  # untyped counts per gate name; rec.frozen is the typed view
+        "frozen": [f.to_dict() for f in frozen_summary(lin.priors)],
         "ties": lin.ties,
         "output": output if isinstance(output, (int, str)) else None,
     }

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import affine
-from .errors import InputError, TrainingModeWarning, UnsupportedOperationError
+from .errors import HooksRemovedWarning, InputError, ReconvizError, TrainingModeWarning, UnsupportedOperationError
 from .ops import check_call, check_result, input_dependent
 from .ops.registry import NO_GRAD_ADVICE
 from .ops.base import op_name, tensors_in
@@ -47,6 +47,13 @@ def check_model(model: Any) -> nn.Module:
         raise InputError(
             "TorchScript modules run outside Python, so their gates cannot be intercepted: "
             "pass the original nn.Module, or export it to ONNX and use reconviz.onnx.reconstruct"
+        )
+    scripted = [name for name, m in model.named_modules() if name and isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise InputError(
+            f"submodule '{scripted[0]}' is a TorchScript module: it runs outside Python, so reconviz "
+            "cannot see its operations; use the original nn.Module there, or export the whole "
+            "model to ONNX and use reconviz.onnx.reconstruct"
         )
     if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         raise InputError(
@@ -76,12 +83,21 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
         cast = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
         memo[id(t)] = _as_parameter(t, cast) if isinstance(t, nn.Parameter) else cast
     if not keep_hooks:
+        _warn_hooks(model, stacklevel + 1)
         for m in model.modules():
             for name in _HOOK_DICTS:
                 hooks = getattr(m, name, None)
                 if hooks is not None:
                     memo[id(hooks)] = type(hooks)()
-    work = copy.deepcopy(model, memo).eval().to(device=device, dtype=dtype)
+    try:
+        work = copy.deepcopy(model, memo).eval().to(device=device, dtype=dtype)
+    except Exception as e:  # a module that cannot be copied: reconviz never works on the original
+        raise InputError(
+            f"reconviz could not copy the model to work on ({type(e).__name__}: {e}). It works on a deep "
+            "copy so that your model is never changed: make the model deep-copyable (no TorchScript "
+            "functions or open handles as attributes; for pruning or weight_norm, run one forward "
+            "pass with torch.no_grad() or make the reparametrisation permanent first)"
+        ) from e
     for p in work.parameters():
         p.requires_grad_(False)
     return work
@@ -92,6 +108,20 @@ _HOOK_DICTS = (
     "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
     "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks",
 )
+
+
+def _warn_hooks(model: nn.Module, stacklevel: int) -> None:
+    """HooksRemovedWarning naming the modules whose forward hooks the copy leaves off."""
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
+              if any(getattr(m, h, None) for h in _HOOK_DICTS)]
+    if hooked:
+        shown = ", ".join(f"'{n}'" for n in hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")
+        warnings.warn(
+            f"module(s) {shown} have forward or backward hooks; reconviz's copy runs without them, so "
+            "the result is of the model without its hooks. If they change the output (pruning, "
+            "weight_norm, a hook that edits activations), pass keep_hooks=True",
+            HooksRemovedWarning, stacklevel=stacklevel,
+        )
 
 
 def _warn_training(model: nn.Module, stacklevel: int) -> None:
@@ -175,6 +205,8 @@ class GateMode(TorchFunctionMode):
         gate = gate_for(func)
         if gate is None:
             return self.on_other(func, args, kwargs)
+        if not args and "input" in kwargs:  # torch.relu(input=z): the gated tensor by keyword
+            args, kwargs = (kwargs["input"],), {k: v for k, v in kwargs.items() if k != "input"}
         path = current_path(self.work)
         try:
             call = gate.parse(func, args, kwargs)
@@ -202,12 +234,47 @@ class RecordMode(GateMode):
         self.n = n
         self.priors: list[Prior] = []
         self.activation_bytes = 0  # bytes of all op outputs: a footprint estimate
+        self._seen: set[Any] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.check_inputs(func, (args, kwargs), current_path(self.work))
         out = super().__torch_function__(func, types, args, kwargs)
         for t in tensors_in(out):
             self.activation_bytes += t.numel() * t.element_size()
+        self.saw(out, args[:1])  # the outputs, and a tensor an in-place call wrote into
         return out
+
+    def saw(self, *objs: Any) -> None:
+        """Remember the autograd nodes of input-dependent tensors a seen call produced."""
+        for t in tensors_in(objs):
+            if t.requires_grad and t.grad_fn is not None:
+                self._seen.add(t.grad_fn)
+
+    def check_inputs(self, func: Callable | None, args: Any, path: str) -> None:
+        """UnsupportedOperationError when an input-dependent tensor was computed by something the
+        mode did not see (TorchScript code, a torch._C.DisableTorchFunction block, a C++
+        extension): reconviz cannot know what it did."""
+        for t in tensors_in(args):
+            if t.requires_grad and t.grad_fn is not None and not self._seen_node(t.grad_fn):
+                raise UnsupportedOperationError(
+                    op_name(func) if func is not None else f"{t.grad_fn.name()} (unseen)", path,
+                    f"its input was computed by an operation reconviz did not see ({t.grad_fn.name()} "
+                    "in autograd): TorchScript code (torch.jit.script functions or modules), a "
+                    "torch._C.DisableTorchFunction block or a C++ extension runs outside the op "
+                    "registry; call plain torch operations in Python instead"
+                )
+
+    def _seen_node(self, node: Any) -> bool:
+        """A seen call's node, or a view regenerated after an in-place write into a seen base."""
+        while node not in self._seen:
+            if node.name() not in _VIEW_REGENERATION:
+                return False
+            parents = [n for n, _ in node.next_functions if n is not None]
+            if len(parents) != 1:
+                return all(self._seen_node(n) for n in parents)
+            node = parents[0]
+        return True
 
     def on_other(self, func, args, kwargs):
         path = current_path(self.work)
@@ -242,6 +309,10 @@ class RecordMode(GateMode):
             batched=len(shape) > 0 and shape[0] == self.n and not constant,
             tensors={k: v.detach() for k, v in tensors.items()}, params=params, ties=ties, constant=constant,
         )
+
+
+# autograd nodes that stand for a view of a tensor modified in place (regenerated lazily)
+_VIEW_REGENERATION = {"AsStridedBackward0", "AsStridedBackward1", "CopySlices"}
 
 
 def _reference(call: Call) -> Any:
@@ -302,6 +373,8 @@ def check_probe_input(x: Any, dtype: torch.dtype | None = None) -> Tensor:
         )
     if x.shape[0] < 1:
         raise InputError("x is an empty batch: give at least one probe (N >= 1)")
+    if x[0].numel() == 0:
+        raise InputError(f"each probe has no elements (x has shape {tuple(x.shape)})")
     if x.is_meta:
         raise InputError("x is on the meta device (a shape without data): give a tensor with values")
     if not (x.is_floating_point() or x.is_complex()) and dtype is None:
@@ -334,6 +407,8 @@ def select_output(out: Any, output: OutputSelector, n: int) -> Tensor:
         raise InputError(
             f"the selected output has shape {tuple(out.shape)}; expected a leading batch dimension of {n}"
         )
+    if out.numel() == 0:
+        raise InputError(f"the selected output has shape {tuple(out.shape)}: no logits to reconstruct")
     return out.reshape(n, -1)
 
 
@@ -380,25 +455,31 @@ class Recording:
 
 def record(work: nn.Module, x: Tensor, output: OutputSelector) -> Recording:
     """Run the working copy once at ``x`` under :class:`RecordMode` (every call classified,
-    every gate's prior recorded)."""
+    every gate's prior recorded; the output selector runs under the mode too)."""
     mode = RecordMode(work, n=x.shape[0])
     with _probe_grad(x) as xg, warnings.catch_warnings():
         # the probe input requires grad (to detect input-dependent products); that is ours
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+        start = xg.clone()  # a non-leaf: in-place ops on the input stay legal
+        mode.saw(start)
         try:
             with mode:
-                raw = work(xg.clone())  # a non-leaf: in-place ops on the input stay legal
-        except (UnsupportedOperationError, InputError):
+                selected = select_output(work(start), output, x.shape[0])
+                mode.check_inputs(None, (selected,), "the selected output")
+        except ReconvizError:
             raise
-        except RuntimeError as e:
+        except MODEL_ERRORS as e:
             raise InputError(
-                f"the model failed on an input of shape {tuple(x.shape)}: {e}. reconviz passes x "
-                "as one batch (N, ...): check the input's shape, dtype and device"
+                f"the model failed on an input of shape {tuple(x.shape)}: {type(e).__name__}: {e}. reconviz "
+                "passes x as one batch (N, ...): check the input's shape, dtype and device"
             ) from e
         finally:
             work._reconviz_stack.clear()  # type: ignore[attr-defined]
-        selected = select_output(raw, output, x.shape[0])
     return Recording(xg, selected, mode.priors, mode.activation_bytes)
+
+
+# what a model's own forward raises on an input it cannot take (not reconviz's errors)
+MODEL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, AssertionError)
 
 
 def check_dtype(dtype: Any) -> torch.dtype:

@@ -3,8 +3,12 @@
 A :class:`Reconstruction` is plain data: ``weight`` (N, K, *sample_shape),
 ``bias`` (N, K), the reconstructed ``classes``, the original ``logits`` at the
 probes and the ``probes`` themselves, plus metadata (method, basis, dtype,
-tolerance, measured errors). It saves to ``.npz`` atomically and loads without
-executing code (``allow_pickle=False``).
+tolerance, measured errors). The core facts are typed read-only properties:
+``exactness``, ``tolerance``, ``method``, ``self_checks`` and ``frozen`` (what
+the probe froze, as :class:`FrozenOp` records). It saves to ``.npz`` atomically
+and loads without executing code (``allow_pickle=False``). A fresh result also
+keeps the linearized model it was solved on (``linearized``; not saved), which
+:func:`reconviz.verify` reuses instead of probing the model again.
 
 A W too large for the memory budget lives in a memory-mapped ``.npy`` file
 (:class:`MappedWeight`): ``weight`` is then a CPU tensor over the mapping, and
@@ -24,16 +28,20 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import ExactnessError, InputError
+from .files import atomic_write
 from .selfcheck import SelfCheck
 
-__all__ = ["Reconstruction", "MappedWeight", "tolerance_for", "atomic_write"]
+if TYPE_CHECKING:
+    from .linearize import LinearizedModel
+
+__all__ = ["Reconstruction", "FrozenOp", "MappedWeight", "tolerance_for", "atomic_write"]
 
 FORMAT = "reconviz.reconstruction/1"
 BLOCK_BYTES = 64 * 2**20  # bytes of a mapped W touched at once before its pages are handed back
@@ -154,6 +162,38 @@ def class_blocks(n_probes: int, n_classes: int, per_class_bytes: int, mapped: bo
     return [(k, min(n_classes, k + step)) for k in range(0, n_classes, step)]
 
 
+@dataclass(frozen=True)
+class FrozenOp:
+    """What the probe froze at one place of the network: ``count`` gated calls of ``op``
+    (e.g. ``relu``, ``max_pool2d``; ONNX: the op type, ``Relu``) at ``location`` (the
+    module path on the PyTorch path, ``""`` for the top module; the node name on the
+    ONNX path), frozen by the gate ``gate`` (a :data:`reconviz.GATES` name)."""
+
+    op: str
+    location: str
+    gate: str
+    count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "location": self.location, "gate": self.gate, "count": self.count}
+
+
+def frozen_summary(priors: Any) -> list[FrozenOp]:
+    """One :class:`FrozenOp` per (gate, op, location) of ``priors``, in order of first call.
+
+    A prior has ``gate`` and ``op``, and ``module_path`` (PyTorch) or ``node`` (ONNX);
+    a PyTorch prior with ``constant`` set (a gate on a tensor that does not depend on
+    the input) is replayed as written, not frozen, and is left out."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for p in priors:
+        if getattr(p, "constant", False):
+            continue
+        location = getattr(p, "module_path", None)
+        key = (str(p.gate), str(p.op), str(location if location is not None else getattr(p, "node", "")))
+        counts[key] = counts.get(key, 0) + 1
+    return [FrozenOp(op, location, gate, n) for (gate, op, location), n in counts.items()]
+
+
 @dataclass
 class Reconstruction:
     """The exact affine model at N probes: ``logit_c(x) = <W[n, c], x> + b[n, c]``."""
@@ -165,6 +205,9 @@ class Reconstruction:
     probes: Tensor  # (N, *sample_shape)
     meta: dict[str, Any] = field(default_factory=dict)
     mapped: MappedWeight | None = field(default=None, repr=False, compare=False)  # W on disk
+    # the linearized network the solve ran on (PyTorch path; never saved, None after load):
+    # verify reuses it for the certified radius instead of probing the model again
+    linearized: LinearizedModel | None = field(default=None, repr=False, compare=False)
 
     @property
     def streamed(self) -> bool:
@@ -199,7 +242,27 @@ class Reconstruction:
 
     @property
     def tolerance(self) -> float:
+        """Relative tolerance of the exactness contract (``meta["tolerance"]``, else the dtype's)."""
         return float(self.meta.get("tolerance", tolerance_for(self.weight.dtype)))
+
+    @property
+    def method(self) -> str | None:
+        """The solve that computed W: ``"basis"`` or ``"adjoint"`` (None when not recorded)."""
+        method = self.meta.get("method")
+        return None if method is None else str(method)
+
+    @property
+    def frozen(self) -> list[FrozenOp] | None:
+        """What the probe froze, per (gate, op, module path or ONNX node): a list of
+        :class:`FrozenOp` (``meta["frozen"]``; None when not recorded, e.g. a file saved
+        by an older reconviz). InputError when malformed. ``meta["gates"]`` keeps the
+        older untyped counts (gate names on the PyTorch path, op types on the ONNX path)."""
+        records = self.meta.get("frozen")
+        if records is None:
+            return None
+        if not isinstance(records, list):
+            raise InputError(f"meta['frozen'] must be a list of frozen-op records, got {type(records).__name__}")
+        return [_frozen_op(d) for d in records]
 
     @property
     def predicted(self) -> Tensor:
@@ -275,8 +338,8 @@ class Reconstruction:
         return self
 
     def to_onnx(self, path: str | os.PathLike, **options: Any) -> Path:
-        """Export the affine model as an ONNX graph (see :mod:`reconviz.onnx`)."""
-        from .onnx import reconstruction_to_onnx
+        """Export the affine model as an ONNX graph (see :func:`reconviz.export.reconstruction_to_onnx`)."""
+        from .export import reconstruction_to_onnx
 
         return reconstruction_to_onnx(self, path, **options)
 
@@ -406,6 +469,7 @@ _META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
                     "a list of strings"),
     "cli": (_optional(_is(dict)), "an object"),
     "self_checks": (_optional(_is(list)), "a list"),
+    "frozen": (_optional(_is(list)), "a list"),
     **{k: (_optional(_is(str)), "a string") for k in ("method", "basis", "model", "logits_tensor", "input_name")},
 }
 
@@ -428,6 +492,21 @@ def _self_check(d: Any) -> SelfCheck:
     return SelfCheck.from_dict(d)
 
 
+_FROZEN_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "op": _is(str), "location": _is(str), "gate": _is(str),
+    "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+}
+
+
+def _frozen_op(d: Any) -> FrozenOp:
+    """A FrozenOp from its stored record; InputError when a field is missing or mistyped."""
+    bad = [k for k, ok in _FROZEN_FIELDS.items() if not (isinstance(d, dict) and k in d and ok(d[k]))]
+    if bad:
+        raise InputError(f"frozen-op record {d!r:.80} has missing or mistyped field(s) {', '.join(bad)}: "
+                         "expected op (str), location (str), gate (str), count (int >= 1)")
+    return FrozenOp(d["op"], d["location"], d["gate"], d["count"])
+
+
 def _read_meta(path: Path, arr: np.ndarray) -> dict[str, Any]:
     """The JSON metadata member, with the types of the keys reconviz reads checked."""
     if arr.ndim != 0 or arr.dtype.kind != "U":
@@ -444,6 +523,11 @@ def _read_meta(path: Path, arr: np.ndarray) -> dict[str, Any]:
     for record in meta.get("self_checks") or []:
         try:
             _self_check(record)
+        except InputError as e:
+            raise _bad_file(path, str(e)) from None
+    for record in meta.get("frozen") or []:
+        try:
+            _frozen_op(record)
         except InputError as e:
             raise _bad_file(path, str(e)) from None
     return meta
@@ -508,24 +592,3 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (tuple, set)):
         return list(v)
     return str(v)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

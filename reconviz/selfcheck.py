@@ -66,7 +66,10 @@ def affinity_point(x0: Tensor, seed: int = 0) -> Tensor:
     Seeded on the CPU, so the point is the same on every device."""
     gen = torch.Generator().manual_seed(seed)
     d = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(device=x0.device, dtype=x0.dtype)
-    scale = x0.flatten(1).pow(2).mean(1).sqrt()
+    flat = x0.flatten(1)
+    peak = flat.abs().amax(1, keepdim=True)  # the RMS through x0 / peak: no overflow near 1e154
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    scale = (flat / peak).pow(2).mean(1).sqrt() * peak.squeeze(1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return x0 + d * scale.reshape((-1,) + (1,) * (x0.dim() - 1))
 

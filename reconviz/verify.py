@@ -9,11 +9,12 @@ comparison checks a pair of columns against its tolerance.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,12 +22,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import InputError
+from .linearize import LinearizedModel
 from .probe import OutputSelector, check_probe_input, select_output, working_copy
 from .radius import Radius, certified_radius
 from .reconstruction import Reconstruction, relative_error
 from .selfcheck import SelfCheck
 
-__all__ = ["verify", "VerificationReport", "Comparison", "BACKENDS", "register_backend", "run_model", "class_columns"]
+__all__ = ["verify", "VerificationReport", "Comparison", "VerifyBackend", "BACKENDS", "PLUGINS", "register_backend",
+           "resolve_backend", "compare", "run_model", "class_columns", "kept_linearized", "ORIGINAL", "RECONSTRUCTED"]
 
 RADIUS_AUTO_MAX = 4096  # radius="auto" sweeps the input when it has at most this many elements
 ORIGINAL, RECONSTRUCTED = "original (torch)", "reconstructed (torch)"
@@ -163,13 +166,46 @@ def format_report(r: VerificationReport, max_rows: int = 40) -> str:
 # Backends: extra columns computed by another runtime
 # --------------------------------------------------------------------------
 
-Backend = Callable[[nn.Module, Reconstruction, Tensor, "VerificationReport", dict], None]
-BACKENDS: dict[str, Backend] = {}
+
+@runtime_checkable
+class VerifyBackend(Protocol):
+    """Another runtime beside PyTorch: it adds columns and comparisons to a report.
+
+    ``name`` names it in messages. :meth:`add_columns` runs the model and/or the
+    reconstruction at ``x`` (the r * N inputs the report compares at) and adds its
+    columns to ``report.columns``, its :class:`Comparison` s (see :func:`compare`) to
+    ``report.comparisons`` and anything it could not run to ``report.notes``.
+    ``tolerance`` is the one given to :func:`verify` (None: the backend's own),
+    ``output`` the logits selector. :class:`reconviz.onnx.OnnxRuntime` is one."""
+
+    name: str
+
+    def add_columns(self, report: "VerificationReport", model: nn.Module, rec: Reconstruction, x: Tensor, *,
+                    tolerance: float | None, output: OutputSelector) -> None: ...
 
 
-def register_backend(name: str, fn: Backend) -> None:
-    """A backend adds columns and comparisons to a report (e.g. onnxruntime)."""
-    BACKENDS[name] = fn
+BACKENDS: dict[str, VerifyBackend] = {}  # backend="name" -> the backend object
+# names a plugin registers when it is imported: verify(backend=name) imports it by name
+# (importlib, a plugin lookup: the core never imports reconviz.onnx itself)
+PLUGINS: dict[str, str] = {"onnxruntime": "reconviz.onnx", "both": "reconviz.onnx"}
+
+
+def register_backend(name: str, backend: VerifyBackend) -> None:
+    """Make ``verify(..., backend=name)`` use ``backend`` (a :class:`VerifyBackend`)."""
+    if not isinstance(backend, VerifyBackend):
+        raise InputError(f"a verify backend needs a name and an add_columns method, got {type(backend).__name__}")
+    BACKENDS[name] = backend
+
+
+def resolve_backend(name: str) -> VerifyBackend:
+    """The backend registered as ``name``, importing the plugin that registers it
+    (:data:`PLUGINS`) the first time; InputError for an unknown name."""
+    if name not in BACKENDS and name in PLUGINS:
+        importlib.import_module(PLUGINS[name])  # a plugin lookup by name, not a static import
+    if name not in BACKENDS:
+        known = sorted(set(BACKENDS) | set(PLUGINS))
+        raise InputError(f"unknown backend {name!r}: choose torch, {', '.join(known)}")
+    return BACKENDS[name]
 
 
 def verify(
@@ -183,6 +219,7 @@ def verify(
     backend: str = "torch",
     output: OutputSelector = None,
     class_names: list[str] | None = None,
+    backends: Sequence[VerifyBackend] = (),
 ) -> VerificationReport:
     """Check a reconstruction against the model it came from.
 
@@ -194,11 +231,16 @@ def verify(
         jacobian: compare W with the autograd Jacobian of the original model at the probes.
         radius: compute the certified radius (D forward passes); ``"auto"`` does it
             when the input has at most 4096 elements.
-        backend: ``"torch"``; ``"onnxruntime"`` or ``"both"`` add onnxruntime columns.
+        backend: ``"torch"``; ``"onnxruntime"`` or ``"both"`` add onnxruntime columns
+            (names looked up in :data:`BACKENDS`; the same as
+            ``backends=[reconviz.onnx.OnnxRuntime()]`` and
+            ``backends=[reconviz.onnx.OnnxRuntime(against_torch=True)]``).
         output: logits selector for models returning tuples/dicts (default: rec's).
         class_names: names of the model's outputs, for the printed table.
+        backends: :class:`VerifyBackend` objects, each adding its columns and
+            comparisons after PyTorch's (e.g. ``[reconviz.onnx.OnnxRuntime()]``).
     """
-    _check_options(rec, tolerance, jacobian, radius, backend, class_names)
+    extra = _check_options(rec, tolerance, jacobian, radius, backend, class_names, backends)
     dtype = rec.weight.dtype
     output = output if output is not None else rec.meta.get("output")
     x = rec.probes if x is None else rec.check_input(check_probe_input(x)).to(dtype)
@@ -210,7 +252,7 @@ def verify(
     report = VerificationReport(
         classes=rec.classes.tolist(),
         columns={ORIGINAL: _np(original), RECONSTRUCTED: _np(rebuilt)},
-        comparisons=[_compare(RECONSTRUCTED, ORIGINAL, rebuilt, original, tol)],
+        comparisons=[compare(RECONSTRUCTED, ORIGINAL, rebuilt, original, tol)],
         dtype=str(dtype).replace("torch.", ""),
         exactness=rec.exactness,
         notes=[str(n) for n in rec.meta.get("notes", [])],  # the reconstruction's own (e.g. a Softmax cut off)
@@ -221,19 +263,36 @@ def verify(
         report.jacobian_max_error = _jacobian_error(work, rec, output)
         report.jacobian_tolerance = tol * max(1.0, float(torch.as_tensor(rec.weight).abs().max()))
     if radius is True or (radius == "auto" and math.prod(rec.sample_shape) <= RADIUS_AUTO_MAX):
-        report.radius = certified_radius(model, rec.probes, dtype=dtype, output=output)
+        kept = kept_linearized(rec, model)  # the solve's own linearized network: no second probe
+        report.radius = certified_radius(kept if kept is not None else model, rec.probes, dtype=dtype, output=output)
     elif radius == "auto":
         report.notes.append(
             f"certified radius skipped: the input has {math.prod(rec.sample_shape)} elements "
             f"(> {RADIUS_AUTO_MAX}); pass radius=True to compute it (one forward pass per element)"
         )
-    if backend != "torch":
-        BACKENDS[backend](model, rec, x, report, {"tolerance": tolerance, "output": output})
+    for b in extra:
+        b.add_columns(report, model, rec, x, tolerance=tolerance, output=output)
     return report
 
 
-def _check_options(rec: Any, tolerance: Any, jacobian: Any, radius: Any, backend: Any, class_names: Any) -> None:
-    """InputError for an argument of :func:`verify` that is not usable as given."""
+def kept_linearized(rec: Reconstruction, model: Any) -> LinearizedModel | None:
+    """``rec.linearized`` when it is the linearization of ``model`` (the same object) at ``rec``'s
+    probes in ``rec``'s dtype, else None."""
+    lin = rec.linearized
+    if not isinstance(lin, LinearizedModel) or lin.dtype != rec.weight.dtype:
+        return None
+    source = getattr(lin, "source", None)
+    if model is not lin and (source is None or source() is not model):
+        return None
+    probes = rec.probes.to(lin.probes.device)
+    if lin.probes.shape != probes.shape or not torch.equal(lin.probes, probes):
+        return None
+    return lin
+
+
+def _check_options(rec: Any, tolerance: Any, jacobian: Any, radius: Any, backend: Any, class_names: Any,
+                   backends: Any) -> list[VerifyBackend]:
+    """The backends to run; InputError for an argument of :func:`verify` that is not usable as given."""
     if not isinstance(rec, Reconstruction):
         raise InputError(f"rec must be a Reconstruction (from reconviz.reconstruct or Reconstruction.load), "
                          f"got {type(rec).__name__}")
@@ -244,15 +303,20 @@ def _check_options(rec: Any, tolerance: Any, jacobian: Any, radius: Any, backend
     if not isinstance(jacobian, bool) or not radius_ok:
         raise InputError(f"jacobian must be True or False and radius True, False or 'auto'; got jacobian="
                          f"{jacobian!r:.40}, radius={radius!r:.40}")
-    if backend in ("onnxruntime", "both") and backend not in BACKENDS:
-        from . import onnx as _onnx  # noqa: F401  (registers the onnxruntime backend)
-    if backend != "torch" and backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: choose torch, {', '.join(BACKENDS) or '(none loaded)'}")
+    if not isinstance(backend, str):
+        raise InputError(f"backend must be a name (torch, onnxruntime, both), got {backend!r:.60}; "
+                         "pass backend objects as backends=[...]")
+    if isinstance(backends, (str, bytes)) or not isinstance(backends, (list, tuple)) or not all(
+            isinstance(b, VerifyBackend) for b in backends):
+        raise InputError(f"backends must be a list of verify backends (objects with a name and an add_columns "
+                         f"method, e.g. reconviz.onnx.OnnxRuntime()), got {backends!r:.80}")
+    extra = [] if backend == "torch" else [resolve_backend(backend)]
     if class_names is not None and not (isinstance(class_names, (list, tuple))
                                         and all(isinstance(n, str) for n in class_names)
                                         and len(class_names) > int(rec.classes.max())):
         raise InputError(f"class_names must be a list of strings naming every output up to class "
                          f"{int(rec.classes.max())}, got {class_names!r:.80}")
+    return extra + list(backends)
 
 
 def run_model(work: nn.Module, x: Tensor, output: OutputSelector) -> Tensor:
@@ -278,7 +342,8 @@ def class_columns(out: Tensor, classes: Tensor) -> Tensor:
     return out[:, classes.to(out.device)]
 
 
-def _compare(a: str, b: str, va: Tensor, vb: Tensor, tol: float) -> Comparison:
+def compare(a: str, b: str, va: Tensor, vb: Tensor, tol: float) -> Comparison:
+    """The :class:`Comparison` of column ``a`` (values ``va``) with column ``b`` (``vb``)."""
     return Comparison(a, b, float((va - vb).abs().max()), float(relative_error(va, vb).max()), tol)
 
 

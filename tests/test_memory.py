@@ -1,10 +1,12 @@
 """The solver's memory plan, streaming and chunking: every method and chunk size gives
 the same W, a small ``max_memory`` streams W to disk with an identical result, and
-the benchmark's pure helpers. No timing assertions here (see reconviz.bench)."""
+the benchmark's pure helpers. No timing assertions here (see benchmarks/bench.py)."""
 
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,12 +237,31 @@ def test_cuda_streamed_w_lands_on_the_host(reference):
 
 
 # --------------------------------------------------------------------------
-# The benchmark's pure helpers (the benchmark itself runs in child processes)
+# The benchmark's pure helpers (the benchmark itself runs in child processes).
+# It lives in the repository's benchmarks/ folder, outside the package.
 # --------------------------------------------------------------------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import bench
+
+    return bench
+
+
+def test_bench_is_not_in_the_package():
+    import importlib.util
+
+    assert importlib.util.find_spec("reconviz.bench") is None
+    with pytest.raises(AttributeError):
+        rv.bench  # noqa: B018
 
 
 def test_bench_extrapolation_is_linear_in_work():
-    from reconviz.bench import extrapolate
+    extrapolate = _bench().extrapolate
 
     # 1 s fixed + 0.1 s per unit
     assert extrapolate((10, 2.0), (20, 3.0), 1000) == pytest.approx(101.0)
@@ -249,7 +270,7 @@ def test_bench_extrapolation_is_linear_in_work():
 
 
 def test_bench_table_and_doc_block(tmp_path):
-    from reconviz import bench
+    bench = _bench()
 
     count = {"probes": 1, "sample": [3, 4, 4], "forward_flops": 1e6, "backward_flops": 1e6}
     rows = [
@@ -258,15 +279,19 @@ def test_bench_table_and_doc_block(tmp_path):
         {"case": "c", "method": "adjoint", "status": "ok", "seconds": 1.0, "count": count, "k": 10,
          "peak_rss": bench.GB, "fingerprint": [1.0, 2.0 + 1e-13], "info": {"chunk": 1}},
         {"case": "c", "method": "auto", "status": "ok", "seconds": 1.1, "count": count, "k": 10,
-         "peak_rss": bench.GB, "info": {"chosen": "adjoint"}},
+         "peak_rss": bench.GB, "info": {"chosen": "adjoint"},
+         "checks": {"times": [0.1], "seconds": 0.1, "fraction": 0.1 / 1.1}},
         {"case": "c", "method": "jacrev", "status": "skipped", "message": "skipped: predicted 99 GB",
          "count": count, "k": 10},
     ]
     bench.agreement(rows)
     table = bench.format_table(rows, {"flops_per_s": 1e9})
-    assert "| c | adjoint | 1.00 s | 0.50 |" in table and "skipped: predicted 99 GB" in table
+    assert "| c | adjoint | 1.00 s | 0.50 | - |" in table and "skipped: predicted 99 GB" in table
+    assert "| c | auto | 1.10 s | 0.55 | 100.0 ms (9.1%) |" in table
     assert rows[1]["agree"] == pytest.approx(5e-14)
-    assert any("auto / loop = 0.55 (PASS" in t for t in bench.targets(rows))
+    # the ratio the target quotes is the whole call's, the self-checks included
+    assert any("auto / loop = 0.55 (PASS <= 1.25, self-checks included: 100.0 ms (9.1%) of the call; "
+               "0.50 without them)" in t for t in bench.targets(rows))
     doc = tmp_path / "perf.md"
     doc.write_text("# P\n\nintro\n\n" + bench.DOC_START + "\nold\n" + bench.DOC_END + "\n\nafter\n")
     bench.write_doc(doc, bench.DOC_START + "\nnew\n" + bench.DOC_END + "\n")
@@ -279,18 +304,23 @@ def test_bench_runs_end_to_end_on_the_digits_case(tmp_path):
     the table names every method, the doc block is written where asked (not into docs/)."""
     import json
     import subprocess
-    import sys
 
     doc, rows = tmp_path / "perf.md", tmp_path / "rows.json"
     doc.write_text("# perf\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "reconviz.bench", "--cases", "digits", "--repeats", "1",
+        [sys.executable, str(BENCHMARKS / "run.py"), "--cases", "digits", "--repeats", "1",
          "--doc", str(doc), "--json", str(rows)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = doc.read_text()
     assert "old" not in text and "Matmul reference" in text
-    methods = {r["method"] for r in json.loads(rows.read_text())["rows"] if r.get("case") == "digits"}
+    found = {r["method"]: r for r in json.loads(rows.read_text())["rows"] if r.get("case") == "digits"}
+    methods = set(found)
     assert {"basis-identity", "basis-hadamard", "basis-random", "adjoint", "auto", "loop", "jacrev"} <= methods
     for method in methods:
         assert f"| digits | {method} |" in text
+    # the self-checks run inside every reconviz row's timed call, and are timed apart
+    for method in ("basis-identity", "adjoint", "auto"):
+        checks = found[method]["checks"]
+        assert 0 < checks["seconds"] < found[method]["seconds"] and 0 < checks["fraction"] < 1
+    assert "checks" not in found["loop"] and "self-checks included" in text

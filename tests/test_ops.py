@@ -61,7 +61,18 @@ AFFINE_CALLS = {
     "relu of a constant": lambda z: z * F.relu(C - 0.3),
     "sigmoid of a constant": lambda z: z * torch.sigmoid(C),
     "clone/contiguous/T": lambda z: z.clone().contiguous().flatten(1).T.T,
+    "trapezoid with constant x": lambda z: z + torch.trapezoid(z, C.flatten(), dim=-1).unsqueeze(-1),
+    "instance norm with running statistics": lambda z: F.instance_norm(
+        z, torch.tensor([0.1, -0.2], dtype=z.dtype), torch.tensor([2.0, 0.5], dtype=z.dtype), use_input_stats=False),
+    "view of a tensor written in place": lambda z: _view_then_inplace(z),
 }
+
+
+def _view_then_inplace(z):
+    z = z.clone()
+    flat = z.view(z.shape[0], -1)
+    z.add_(1.0)  # the view's autograd node is regenerated: still a seen computation
+    return flat.reshape(z.shape) * 2
 
 
 def _setitem(z):
@@ -141,7 +152,35 @@ REFUSED_CALLS = {
     "scatter multiply": (lambda z: torch.ones_like(z).scatter(
         3, torch.zeros(z.shape, dtype=torch.long), z, reduce="multiply"), "Tensor.scatter"),
     "relu in no_grad": (lambda z: z * _no_grad_relu(z), "relu"),
+    "TorchScript function": (lambda z: _scripted(z), "Tensor.flatten"),
+    "DisableTorchFunction block": (lambda z: _hidden_relu(z), "Tensor.flatten"),
+    "print": (lambda z: (repr(z), z)[1], "Tensor.__repr__"),
+    "setitem into long": (lambda z: _setitem_long(z), "Tensor.__setitem__"),
+    "sum to float16": (lambda z: z.sum(1, keepdim=True, dtype=torch.float16).double() + z, "Tensor.sum"),
+    "trapezoid over input": (lambda z: z + torch.trapezoid(z, z, dim=-1).unsqueeze(-1), "trapezoid"),
+    "einsum of a list": (lambda z: torch.einsum("nchw,nchw->nchw", [z, z]), "einsum"),
+    "instance norm": (lambda z: F.instance_norm(z), "instance_norm"),
 }
+
+
+@torch.jit.script
+def _scripted_relu(z):
+    return torch.relu(z + 0.1)
+
+
+def _scripted(z):
+    return _scripted_relu(z)
+
+
+def _hidden_relu(z):
+    with torch._C.DisableTorchFunction():
+        return torch.relu(z + 0.1)
+
+
+def _setitem_long(z):
+    b = torch.zeros(z.shape, dtype=torch.long)
+    b[:] = z * 100
+    return torch.where(b == 0, z, -z)
 
 
 def _no_grad_relu(z):
@@ -168,7 +207,7 @@ class _Twice(torch.autograd.Function):
 def test_non_affine_call_is_refused_by_name_with_module_path(name):
     fn, op = REFUSED_CALLS[name]
     model = _model(lambda z: z)
-    model.fn = fn  # the lazy head is already materialised on the identity's shape
+    model.fn = fn  # the lazy head is already materialised on the identity's shape (shape-keeping calls)
     probe = torch.randn(2, 1, 6, 6, dtype=torch.float64)
     before = snapshot(model)
     with pytest.raises(rv.UnsupportedOperationError) as err:
@@ -371,3 +410,90 @@ def test_rrelu_in_eval_mode_is_a_leaky_gate():
     assert assert_exact(rec, model) <= 1e-9
     assert rv.linearize(model, probe).priors[0].gate == "leaky_relu"
     assert isinstance(REFUSED_OPS[0], Refused)
+
+
+def test_clamp_at_a_tie_gives_the_autograd_gradient():
+    """torch.clamp differentiates to 1 on its bound: W at a tie must be that gradient (verify passes)."""
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(torch.clamp(x, min=0.0)).flatten(1) + self.conv(x.clip(0, 1)).flatten(1))
+
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    x[:, :, :3] = 0.0  # black pixels: ties on the lower bound
+    x[:, :, 4, 4] = 1.0  # a tie on the upper bound
+    model = Clamped().double().eval()
+    rec = rv.reconstruct(model, x)
+    report = rv.verify(model, rec)
+    assert report.ok and report.jacobian_max_error <= 1e-12
+
+
+def test_the_far_affinity_point_catches_a_hidden_kink():
+    """A kink at 50 is not near the probe; the affinity check's second point (100 d) reaches it."""
+    def hidden(z):  # a dlpack round trip: a mask reconviz cannot see
+        v = torch.from_dlpack(torch.utils.dlpack.to_dlpack(z))
+        return z * (v.abs() < 50).to(z.dtype)
+
+    with pytest.raises(rv.ExactnessError, match="self-check 'affinity' failed"):
+        rv.reconstruct(_model(hidden), torch.randn(2, 1, 6, 6, dtype=torch.float64))
+
+
+def test_huge_probes_do_not_overflow_the_self_checks():
+    model = _model(lambda z: z)
+    rec = rv.reconstruct(model, torch.randn(2, 1, 6, 6, dtype=torch.float64) * 1e155)
+    assert all(c["passed"] is not False for c in rec.meta["self_checks"])
+    assert rec.meta["self_checks"][0]["max_rel_error"] <= 1e-9
+
+
+def test_hooks_left_off_the_copy_are_named_in_a_warning():
+    model = Recorder().double().eval()
+    handle = model.conv.register_forward_hook(lambda m, a, out: out * 2 + 1)
+    try:
+        with pytest.warns(rv.HooksRemovedWarning, match="'conv'.*keep_hooks=True"):
+            rec = rv.reconstruct(model, torch.randn(1, 1, 6, 6, dtype=torch.float64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", rv.HooksRemovedWarning)
+            kept = rv.reconstruct(model, rec.probes, keep_hooks=True)
+        with torch.no_grad():
+            assert torch.allclose(kept.logits, model(rec.probes), rtol=0, atol=1e-12)
+    finally:
+        handle.remove()
+
+
+def test_torchscript_submodules_and_uncopyable_models_are_input_errors():
+    scripted = nn.Sequential(torch.jit.script(nn.Conv2d(1, 2, 3)), nn.Flatten(), nn.Linear(32, 3)).eval()
+    with pytest.raises(rv.InputError, match="submodule '0' is a TorchScript module"):
+        rv.reconstruct(scripted, torch.randn(1, 1, 6, 6))
+    holder = Recorder().eval()
+    holder.fn = _scripted_relu  # a ScriptFunction attribute cannot be deep-copied
+    with pytest.raises(rv.InputError, match="could not copy the model"):
+        rv.reconstruct(holder, torch.randn(1, 1, 6, 6))
+
+
+def test_a_forward_that_hard_codes_its_batch_is_a_replay_error_for_the_basis_solve():
+    class Fixed(Recorder):
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).reshape(2, 32))
+
+    model = Fixed().double().eval()
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    assert assert_exact(rv.reconstruct(model, x, method="adjoint"), model) <= 1e-9
+    with pytest.raises(rv.ReplayMismatchError, match="hard-codes its batch size"):
+        rv.reconstruct(model, x, method="basis")
+
+
+def test_empty_probes_and_empty_outputs_are_input_errors():
+    with pytest.raises(rv.InputError, match="no elements"):
+        rv.reconstruct(nn.Flatten().eval(), torch.zeros(2, 0))
+    with pytest.raises(rv.InputError, match="no logits"):
+        rv.reconstruct(nn.Linear(4, 0).eval(), torch.randn(2, 4))
+
+
+def test_gates_called_with_the_input_by_keyword():
+    model = _model(lambda z: torch.relu(input=z) + torch.clamp(input=z, min=0.1))
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    assert assert_exact(rv.reconstruct(model, x), model) <= 1e-9
+    assert rv.linearize(model, x).gate_counts() == {"relu": 1, "clamp": 1}

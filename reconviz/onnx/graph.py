@@ -30,12 +30,11 @@ import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import InputError, UnsupportedOperationError
+from ..export import IR_VERSION, OPSET, make_model  # noqa: F401  (re-exported: the graphs reconviz writes)
 from .gates import ONNX_GATES, _attr, gate_for
 
 __all__ = ["Prepared", "prepare", "load_model", "UnsupportedGraphError", "AFFINE", "LOGITS", "IR_VERSION"]
 
-IR_VERSION = 9  # onnx.helper writes IR 14 by default, which onnxruntime 1.31 and older refuse: keep files portable
-OPSET = 17  # opset of the graphs reconviz writes (Gemm, MatMul, Add, Reshape, Gather, Mul)
 LOGITS = ("auto", "output")  # or the name of a tensor in the graph
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
@@ -404,9 +403,3 @@ def _dynamic_batch(graph: onnx.GraphProto, input_name: str, fixed: int, info: Gr
         name = f"reconviz/batch/{k}/shape"
         graph.initializer.append(numpy_helper.from_array(new, name))
         node.input[1] = name
-
-
-def make_model(graph: onnx.GraphProto, opset: int = OPSET, **kwargs: Any) -> ModelProto:
-    """A model with an explicit IR version onnxruntime reads."""
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION,
-                             producer_name="reconviz", **kwargs)

@@ -21,7 +21,7 @@ import onnx
 from onnx import ModelProto, TensorProto, helper
 
 from ..errors import ExactnessError, InputError
-from ..reconstruction import atomic_write
+from ..files import atomic_write
 from .gates import Frozen, gate_for
 from .graph import IR_VERSION, Prepared, prepare
 from .probe import FLOAT32_TOLERANCE, OnnxProbe, as_probe_array, max_relative_error, probe, uid

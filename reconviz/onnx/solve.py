@@ -36,7 +36,7 @@ from torch import Tensor
 from ..basis import Basis, make_basis
 from ..errors import InputError
 from ..pipeline import check_options, checked
-from ..reconstruction import Reconstruction, tolerance_for
+from ..reconstruction import Reconstruction, frozen_summary, tolerance_for
 from ..solve import MemoryPlan, WeightSink, assemble, plan_memory, resolve_classes, sweep
 from .checks import self_check
 from .linearize import LinearizedGraph, linearize
@@ -209,7 +209,8 @@ def _meta(lin: LinearizedGraph, basis: Basis, seed: int, chunk: int, scale: floa
         "dtype": "float32",
         "tolerance": tolerance_for(torch.float32),
         "exactness": lin.exactness,
-        "gates": lin.gates,
+        "gates": lin.gates,  # untyped counts per ONNX op type; rec.frozen is the typed view
+        "frozen": [f.to_dict() for f in frozen_summary(lin.priors)],
         "ties": lin.ties,
         "output": None,
         "chunk_size": chunk,

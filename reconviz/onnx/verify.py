@@ -10,10 +10,13 @@ Columns added to the report:
 Comparisons (each against its tolerance; onnxruntime runs float32, so the
 contract's float32 tolerance, 1e-4 relative, unless ``tolerance=`` is given):
 
-* ``backend="onnxruntime"``: reconstructed (onnxruntime) vs original (onnxruntime)
-  — Table 1 inside onnxruntime — and reconstructed (onnxruntime) vs reconstructed (torch).
-* ``backend="both"``: also original (onnxruntime) vs original (torch) and
-  reconstructed (onnxruntime) vs original (torch).
+* ``OnnxRuntime()`` (``backend="onnxruntime"``): reconstructed (onnxruntime) vs original
+  (onnxruntime) — Table 1 inside onnxruntime — and reconstructed (onnxruntime) vs
+  reconstructed (torch).
+* ``OnnxRuntime(against_torch=True)`` (``backend="both"``): also original (onnxruntime)
+  vs original (torch) and reconstructed (onnxruntime) vs original (torch).
+
+Importing :mod:`reconviz.onnx` registers both names in :data:`reconviz.verify.BACKENDS`.
 
 When the model cannot be exported, a note says why, and the reconstruction's
 graph is still compared with the PyTorch columns.
@@ -21,6 +24,7 @@ graph is still compared with the PyTorch columns.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,11 +33,12 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..reconstruction import Reconstruction, tolerance_for
-from ..verify import ORIGINAL, RECONSTRUCTED, VerificationReport, _compare, register_backend
-from .export import export_torch, reconstruction_graph
+from ..export import reconstruction_graph
+from ..verify import ORIGINAL, RECONSTRUCTED, VerificationReport, compare, register_backend
+from .export import export_torch
 from .runtime import run, session
 
-__all__ = ["ORIGINAL_ORT", "RECONSTRUCTED_ORT", "onnxruntime_columns"]
+__all__ = ["OnnxRuntime", "ORIGINAL_ORT", "RECONSTRUCTED_ORT", "onnxruntime_columns"]
 
 ORIGINAL_ORT, RECONSTRUCTED_ORT = "original (onnxruntime)", "reconstructed (onnxruntime)"
 
@@ -62,26 +67,37 @@ def onnxruntime_columns(model: nn.Module | None, rec: Reconstruction, x: Tensor,
     return columns, notes
 
 
-def _backend(backend: str):
-    def add(model: nn.Module, rec: Reconstruction, x: Tensor, report: VerificationReport, options: dict) -> None:
-        columns, notes = onnxruntime_columns(model, rec, x, options.get("output"))
+@dataclass(frozen=True)
+class OnnxRuntime:
+    """The onnxruntime verify backend (a :class:`reconviz.verify.VerifyBackend`):
+    ``rv.verify(model, rec, backends=[OnnxRuntime()])``.
+
+    ``against_torch=True`` also compares the onnxruntime columns with the original
+    model's PyTorch column (what ``backend="both"`` does)."""
+
+    against_torch: bool = False
+
+    @property
+    def name(self) -> str:
+        return "both" if self.against_torch else "onnxruntime"
+
+    def add_columns(self, report: VerificationReport, model: nn.Module, rec: Reconstruction, x: Tensor, *,
+                    tolerance: float | None, output: Any) -> None:
+        columns, notes = onnxruntime_columns(model, rec, x, output)
         report.columns.update(columns)
         report.notes += notes
-        tol = options.get("tolerance")
-        tol = tolerance_for(torch.float32) if tol is None else tol
+        tol = tolerance_for(torch.float32) if tolerance is None else tolerance
         pairs = [(RECONSTRUCTED_ORT, ORIGINAL_ORT), (RECONSTRUCTED_ORT, RECONSTRUCTED)]
-        if backend == "both" or ORIGINAL_ORT not in columns:
+        if self.against_torch or ORIGINAL_ORT not in columns:
             pairs += [(ORIGINAL_ORT, ORIGINAL), (RECONSTRUCTED_ORT, ORIGINAL)]
         for a, b in pairs:
             if a in report.columns and b in report.columns:
                 va, vb = torch.from_numpy(report.columns[a]), torch.from_numpy(report.columns[b]).to(torch.float64)
-                report.comparisons.append(_compare(a, b, va, vb, tol))
-        which = "the float32 tolerance" if options.get("tolerance") is None else "the given tolerance"
+                report.comparisons.append(compare(a, b, va, vb, tol))
+        which = "the float32 tolerance" if tolerance is None else "the given tolerance"
         report.notes.append(f"onnxruntime columns run in float32 (its CPU convolution has no float64 kernel); "
                             f"their comparisons use {which}, {tol:g} relative")
 
-    return add
 
-
-register_backend("onnxruntime", _backend("onnxruntime"))
-register_backend("both", _backend("both"))
+register_backend("onnxruntime", OnnxRuntime())
+register_backend("both", OnnxRuntime(against_torch=True))

@@ -57,8 +57,8 @@ class Product(Linear):
 
     def check(self, func, args, kwargs, path):
         skip = {id(arg(args, kwargs, i, n)) for i, n in self.additive}
-        factors = [a for a in (*args, *kwargs.values()) if id(a) not in skip]
-        if sum(input_dependent(a) for a in factors) > 1:
+        factors = [t for a in (*args, *kwargs.values()) if id(a) not in skip for t in tensors_in(a)]
+        if sum(t.requires_grad for t in factors) > 1:
             self.refuse(func, path, "it multiplies two input-dependent tensors (x * x, attention, "
                         "squeeze-excitation gating, a bilinear layer), which is not affine in the input")
 
@@ -91,19 +91,8 @@ class Scatter(Linear):
 
 
 class Cast(Linear):
-    """A dtype change: refused to an integer or bool type (a rounding) and to a floating
-    type less precise than the input (the result would be exact to that rounding only)."""
-
-    def check_result(self, func, args, out, path):
-        source = next((t for t in tensors_in(args) if t.requires_grad), None)
-        for t in tensors_in(out):
-            if not t.is_floating_point():
-                self.refuse(func, path, f"it casts an input-dependent tensor to {t.dtype}, which "
-                            "rounds it (not affine)")
-            if source is not None and torch.finfo(t.dtype).eps > torch.finfo(source.dtype).eps:
-                self.refuse(func, path, f"it casts an input-dependent {source.dtype} tensor to "
-                            f"{t.dtype}: the reconstruction would be exact to {t.dtype} rounding only; "
-                            f"remove the cast or reconstruct with dtype={t.dtype}")
+    """A dtype change: refused to an integer or bool type (a rounding) and to a floating type
+    less precise than the input (the base rule on results, :meth:`Op.check_result`)."""
 
 
 class Shape(Linear):
@@ -117,15 +106,15 @@ class EvalOnly(Linear):
     """Affine only in inference form: ``training`` (argument ``i``, default ``default``)
     must be False, and the ``statistics`` arguments must be given (batch norm)."""
 
-    def __init__(self, functions: tuple[Callable, ...], training: tuple[int, bool], why: str,
+    def __init__(self, functions: tuple[Callable, ...], training: tuple[int, str, bool], why: str,
                  statistics: tuple[tuple[int, str], ...] = (), constant_args: tuple[tuple[int, str], ...] = ()):
         super().__init__("", functions=functions, constant_args=constant_args)
         self.training, self.why, self.statistics = training, why, statistics
 
     def check(self, func, args, kwargs, path):
         super().check(func, args, kwargs, path)
-        i, default = self.training
-        training = bool(arg(args, kwargs, i, "training" if func is not torch.dropout else "train", default))
+        i, name, default = self.training
+        training = bool(arg(args, kwargs, i, name if func is not torch.dropout else "train", default))
         if training or any(arg(args, kwargs, j, n) is None for j, n in self.statistics):
             self.refuse(func, path, self.why)
 
@@ -140,7 +129,7 @@ _RESHAPE = (
     "unfold fold contiguous clone cpu cuda T mT H mH conj resolve_conj resolve_neg block_diag"
 )
 _ARITHMETIC = (
-    "add sub subtract rsub neg negative positive pos sum mean cumsum trace diff trapezoid trapz "
+    "add sub subtract rsub neg negative positive pos sum mean cumsum trace diff "
     "sum_to_size setitem masked_fill masked_scatter index_fill index_add index_copy index_put put "
     "copy zero fill where"
 )
@@ -153,7 +142,7 @@ _ATEN_EXTRA = "slice index _unsafe_view alias view_copy expand_copy permute_copy
 
 _METADATA = (
     "size dim ndimension numel nelement stride storage_offset is_contiguous is_floating_point "
-    "is_complex is_signed element_size get_device data_ptr len repr format retain_grad "
+    "is_complex is_signed element_size get_device len retain_grad "
     "shape dtype device requires_grad is_leaf grad_fn grad layout ndim is_cuda is_cpu is_sparse "
     "is_quantized is_meta is_nested itemsize nbytes output_nr retains_grad"
 )
@@ -163,6 +152,7 @@ AFFINE_OPS: list[Op] = [
     Linear("lerp", constant_args=((2, "weight"),)),
     Scatter("scatter scatter_add"),
     Linear("grid_sample", constant_args=((1, "grid"),)),
+    Linear("trapezoid trapz", constant_args=((1, "x"),)),
     Product(
         "mul multiply matmul mm bmm mv dot vdot inner outer ger kron einsum tensordot cross vecdot "
         "multi_dot chain_matmul embedding",
@@ -180,19 +170,26 @@ AFFINE_OPS: list[Op] = [
     Shape("zeros_like ones_like empty_like new_zeros new_ones new_empty"),
     Shape("full_like new_full", constant_args=((1, "fill_value"),)),
     EvalOnly(
-        (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout, torch.dropout_), (2, True),
+        (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout, torch.dropout_), (2, "training", True),
         "dropout with training=True is random; call it with training=self.training so that the "
         "eval-mode copy reconviz works on disables it",
     ),
     EvalOnly(
-        (F.alpha_dropout, F.feature_alpha_dropout), (2, False),
+        (F.alpha_dropout, F.feature_alpha_dropout), (2, "training", False),
         "dropout with training=True is random; call it with training=self.training",
     ),
     EvalOnly(
-        (F.batch_norm,), (5, False),
+        (F.batch_norm,), (5, "training", False),
         "batch norm with training=True (or without running statistics) normalizes by the batch's "
         "statistics, which is not affine; pass training=self.training and keep running statistics "
         "(reconviz reconstructs the eval-mode model)",
+        statistics=((1, "running_mean"), (2, "running_var")),
+        constant_args=((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")),
+    ),
+    EvalOnly(
+        (F.instance_norm,), (5, "use_input_stats", True),
+        "instance norm with input statistics divides by an input-dependent sigma, which is not "
+        "affine; only InstanceNorm with track_running_stats=True in eval mode is",
         statistics=((1, "running_mean"), (2, "running_var")),
         constant_args=((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")),
     ),

@@ -42,6 +42,16 @@ def op_name(func: Callable) -> str:
     return f"Tensor.{name}" if cls in ("TensorBase", "Tensor") else name
 
 
+def _in_place(func: Callable) -> bool:
+    """An in-place call (add_, __setitem__, __iadd__, copy_): its first argument is written into."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+
+
+_IN_PLACE_DUNDERS = {"__setitem__"} | {
+    f"__i{op}__" for op in "add sub mul truediv div floordiv mod pow matmul and or xor lshift rshift".split()}
+
+
 def tensors_in(obj: Any) -> Iterator[Tensor]:
     """Every tensor in (nested) tuples, lists and dicts."""
     if isinstance(obj, Tensor):
@@ -115,13 +125,20 @@ class Op:
             self.refuse(func, path, self.advice)
 
     def check_result(self, func: Callable, args: tuple, out: Any, path: str) -> None:
-        """Raise when an input-dependent call's result is not a floating-point tensor."""
+        """Raise when an input-dependent call's result (or the tensor an in-place call wrote
+        into) is not floating point, or less precise than the input it came from."""
         if self.constant_result:
             return
-        for t in tensors_in(out):
+        source = next((t for t in tensors_in(args) if t.requires_grad), None)
+        written = [args[0]] if args and isinstance(args[0], Tensor) and _in_place(func) else []
+        for t in [*tensors_in(out), *written]:
             if not t.is_floating_point():
                 self.refuse(func, path, f"its result is a {t.dtype} tensor computed from the input "
-                            "(a comparison, an index or a rounding), which is not affine")
+                            "(a comparison, an index, a cast or a rounding), which is not affine")
+            if source is not None and torch.finfo(t.dtype).eps > torch.finfo(source.dtype).eps:
+                self.refuse(func, path, f"it turns an input-dependent {source.dtype} tensor into "
+                            f"{t.dtype}: the reconstruction would be exact to {t.dtype} rounding only; "
+                            f"remove the conversion or reconstruct with dtype={t.dtype}")
 
     @staticmethod
     def refuse(func: Callable, path: str, advice: str) -> None:

@@ -133,6 +133,10 @@ class Gate:
         """+1 or -1: the way feature ``feature`` of probe ``probe`` moves to reach its face."""
         raise NotImplementedError
 
+    def same_choice(self, prior: Prior, z: Tensor) -> Tensor:
+        """(B,) bool: does row i of ``z`` make probe i's recorded choice? (z: a batch of N)."""
+        raise NotImplementedError
+
     def connectivity(self, call: Call) -> Any:
         """The op in the receptive-field test's *connectivity network* (positive weights,
         no switches): what the gate connects, with positive coefficients and 0 -> 0."""
@@ -213,6 +217,13 @@ class ElementwiseGate(Gate):
     def connectivity(self, call):
         return call.z.clone()  # elementwise: each unit connects to itself (slope 1 everywhere)
 
+    def same_choice(self, prior, z):
+        slope, offset = self.slope_offset(z.detach(), prior.params)
+        same = slope.to(z.dtype) == prior.tensors["slope"]
+        if "offset" in prior.tensors:
+            same &= offset.to(z.dtype) == prior.tensors["offset"]
+        return _per_row(same, prior, z)
+
     def features(self, prior, z):
         # a copy, never a view of z: an in-place gate (ReLU(inplace=True), relu_, ...) overwrites
         # z right after the observer has seen it, and the radius keeps h(0) for the whole sweep
@@ -232,7 +243,7 @@ class ElementwiseGate(Gate):
             if b is None:
                 continue
             bt = torch.as_tensor(b, dtype=z.dtype, device=z.device)
-            d = (z - bt).abs().flatten(1) if bt.numel() > 1 else (zf - bt).abs()
+            d = (z - bt).abs().flatten(1) if bt.numel() > 1 else (zf - bt.reshape(())).abs()
             dist = torch.minimum(dist, d)
         return dist
 
@@ -259,7 +270,8 @@ class ReLUGate(ElementwiseGate):
 
 
 class ClampGate(ElementwiseGate):
-    """Hardtanh, ReLU6, clamp/clip: D = 1[lo < z < hi], C = lo 1[z <= lo] + hi 1[z >= hi]."""
+    """Hardtanh, ReLU6, clamp/clip: D = 1[lo < z < hi], C = lo 1[z <= lo] + hi 1[z >= hi]
+    (clamp/clip: D = 1[lo <= z <= hi], as their gradient is, and C where z < lo or z > hi)."""
 
     name = "clamp"
     records_frozen = True
@@ -290,24 +302,27 @@ class ClampGate(ElementwiseGate):
                 op_name(func), "", f"its lower bound exceeds its upper bound (min {_show(lo)} > max "
                 f"{_show(hi)}): the op then returns max everywhere, which is not the clamp reconviz "
                 "freezes; fix the bounds")
-        return Call(func, z, {"lo": lo, "hi": hi}, inplace)
+        # torch.clamp/clip differentiate to 1 on their bounds, hardtanh/relu6 to 0: the frozen
+        # slope at a tie follows, so that W is the autograd gradient there too
+        return Call(func, z, {"lo": lo, "hi": hi, "closed": func not in (F.hardtanh, F.hardtanh_, F.relu6)},
+                    inplace)
 
     def slope_offset(self, z, p):
-        lo, hi = p["lo"], p["hi"]
+        lo, hi, closed = p["lo"], p["hi"], p.get("closed", False)
         inside = torch.ones_like(z, dtype=torch.bool)
         offset = torch.zeros_like(z)
         if lo is not None:
-            below = z <= lo
+            below = z < lo if closed else z <= lo
             inside &= ~below
             offset = torch.where(below, torch.as_tensor(lo, dtype=z.dtype, device=z.device), offset)
         if hi is not None:
-            above = z >= hi
+            above = z > hi if closed else z >= hi
             inside &= ~above
             offset = torch.where(above, torch.as_tensor(hi, dtype=z.dtype, device=z.device), offset)
         return inside, offset
 
     def breakpoints(self, p):
-        return [b for b in (p["lo"], p["hi"]) if b is not None]
+        return [b for b in (p["lo"], p["hi"]) if b is not None]  # "closed" is not a breakpoint
 
     def backward_signal(self, call):
         """A rectifier (relu) when the lower bound is 0 (ReLU6, clamp(min=0)); else the plain backward."""
@@ -400,6 +415,11 @@ class ThresholdGate(ElementwiseGate):
 
     def backward_signal(self, call):
         return F.relu
+
+
+def _per_row(same: Tensor, prior: Prior, z: Tensor) -> Tensor:
+    """(B,) bool from an elementwise comparison: per row for a batched prior, else all or none."""
+    return same.flatten(1).all(1) if prior.batched else same.all().expand(z.shape[0])
 
 
 def _leaky(g: Tensor, a: Any) -> Tensor:
@@ -584,6 +604,9 @@ class MaxPoolGate(Gate):
 
     def backward_signal(self, call):
         return None  # the signal goes back through the switches (Zeiler & Fergus's unpooling)
+
+    def same_choice(self, prior, z):
+        return _per_row(_pool(z.detach(), prior.params)[1] == prior.tensors["index"], prior, z)
 
     def connectivity(self, call):
         """The average over the same windows (adaptive: adaptive average pooling)."""

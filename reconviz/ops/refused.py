@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.utils.dlpack  # noqa: F401  (torch.utils.dlpack.from_dlpack below)
 from torch import Tensor
 
 from .base import Op
@@ -36,7 +37,8 @@ class Refused(Op):
 
 
 class Random(Refused):
-    """Random ops are refused even on constants: the model is then not a function of x."""
+    """Refused even on constants: random ops (the model is then not a function of x) and
+    tensors made from foreign memory (which may hide a dependence on x)."""
 
     always = True
 
@@ -47,7 +49,7 @@ _SMOOTH = (
     "rsqrt reciprocal pow float_power square sin cos tan asin acos atan sinh cosh asinh acosh atanh "
     "atan2 arctan2 sinc logit xlogy expit i0 lgamma digamma polygamma"
 )
-_NORM = "layer_norm group_norm instance_norm local_response_norm normalize rms_norm renorm"
+_NORM = "layer_norm group_norm local_response_norm normalize rms_norm renorm"
 _SELECT = (
     "softmax log_softmax softmin abs absolute sign sgn signbit copysign hypot heaviside max min amax "
     "amin aminmax maximum minimum fmax fmin sort argsort msort topk kthvalue median nanmedian mode "
@@ -71,6 +73,7 @@ _LEAVES = (
     Tensor.__deepcopy__, Tensor.__reduce_ex__, Tensor.storage, Tensor.untyped_storage,
 )
 _HOOKS = (Tensor.register_hook, Tensor.register_post_accumulate_grad_hook)
+_READS = (Tensor.__repr__, Tensor.__format__, Tensor.__str__, Tensor.data_ptr)
 _RANDOM = (
     "rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial "
     "poisson uniform exponential geometric log_normal cauchy random binomial"
@@ -93,8 +96,13 @@ REFUSED_OPS: list[Op] = [
             ".numpy(), .data, float(t), torch.tensor(t)), so reconviz cannot follow how the output "
             "depends on the input; keep the computation in torch operations on the tensor itself",
             functions=_LEAVES),
+    Refused("", "it reads an input-dependent tensor's values outside autograd (printing or formatting "
+            "it, or its memory address); remove it from the forward pass", functions=_READS),
     Refused("", "a hook on an input-dependent tensor can change its gradient, and the adjoint solve "
             "reads W from gradients; register hooks outside the forward pass", functions=_HOOKS),
+    Random("from_dlpack", "it builds a tensor from memory outside autograd (a DLPack capsule), so "
+           "reconviz cannot know whether it depends on the input; keep the computation in torch",
+           functions=(torch.utils.dlpack.from_dlpack,)),
     Random(_RANDOM, "it draws random numbers inside the forward pass, so the model is not a function of "
            "its input; seed and precompute the noise as a buffer, or remove it at inference"),
 ]

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError, TrainingModeWarning
-from ..probe import OutputSelector, _warn_training, check_model, eval_copy
+from ..probe import OutputSelector, _warn_hooks, _warn_training, check_model, eval_copy
 from ..probe import select_output as select_logits
 
 __all__ = [
@@ -327,6 +327,7 @@ class Attribution:
         self.work = eval_copy(model, self.dtype, self.x.device, stacklevel=4) if model_copy else None
         if not model_copy:
             _warn_training(model, stacklevel=4)
+            _warn_hooks(model, stacklevel=4)
 
     def close(self) -> None:
         self.work = None

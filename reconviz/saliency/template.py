@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..linearize import linearize
 from ..pipeline import reconstruct
+from ..errors import HooksRemovedWarning
 from ._common import Attribution, TrainingModeWarning, attribution
 
 __all__ = ["template"]
@@ -32,6 +33,7 @@ def template(a: Attribution, *, method: str = "auto") -> Tensor:
     """
     with warnings.catch_warnings():  # the family's prologue has warned already
         warnings.simplefilter("ignore", TrainingModeWarning)
+        warnings.simplefilter("ignore", HooksRemovedWarning)
         lin = linearize(a.model, a.x, dtype=a.dtype, output=a.output, keep_graph=method != "basis")
     logits = lin.logits.detach().clone().requires_grad_(True)
     with torch.enable_grad():

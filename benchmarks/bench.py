@@ -1,7 +1,10 @@
 """Benchmark: reconviz's solves against the Jacobian tools a user would otherwise reach for.
 
-    python -m reconviz.bench            # full run (~20 min on 2 CPU cores), writes docs/performance.md
-    python -m reconviz.bench --quick    # digits + a small VGG (~1-2 min): development and CI smoke test
+    python benchmarks/run.py            # full run (~20 min on 2 CPU cores), writes docs/performance.md
+    python benchmarks/run.py --quick    # digits + a small VGG (~1-2 min): development and CI smoke test
+
+This module lives in the repository's ``benchmarks/`` folder, not in the
+package (it is not installed); ``run.py`` is its entry point.
 
 Every (case, method) runs in its own child process under an address-space cap
 (``RLIMIT_AS``), so a method that would blow up memory fails with "OOM at N GB"
@@ -46,11 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .reconstruction import atomic_write
 
 __all__ = ["main", "CASES", "extrapolate", "run_case", "format_table"]
 
 GB = 2**30
+RUN_SCRIPT = Path(__file__).resolve().with_name("run.py")  # the entry point; children run it by path
+PROG = "python benchmarks/run.py"
 RESULT_TAG = "RECONVIZ-BENCH-RESULT "
 DOC_START, DOC_END = "<!-- bench:start -->", "<!-- bench:end -->"
 RV_METHODS = ("basis-identity", "basis-hadamard", "basis-random", "adjoint", "auto")
@@ -128,7 +132,7 @@ def _digits(n: int | None):
     import numpy as np
     import torch
 
-    from .models import digits
+    from reconviz.models import digits
 
     model, data = digits()
     x = np.concatenate([data.x_test, data.x_train]) if n is None else data.x_test[:n]
@@ -221,8 +225,8 @@ def _rv_partial_basis(model, x, cols: int, kind: str, dtype, max_memory, k: int)
     import torch
 
     import reconviz as rv
-    from .basis import make_basis
-    from .solve import plan_memory, sample_size, solve_basis, timed_bias
+    from reconviz.basis import make_basis
+    from reconviz.solve import plan_memory, sample_size, solve_basis, timed_bias
 
     lin = rv.linearize(model, x, dtype=dtype)
     basis = make_basis(kind, sample_size(lin), seed=0)
@@ -346,7 +350,8 @@ def _fingerprint(w, b) -> list[float]:
 
 
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+    msg = str(e)
+    return isinstance(e, MemoryError) or any(s in msg for s in ("can't allocate memory", "out of memory", "bad_alloc"))
 
 
 _CLOCK: dict[str, Any] = {"name": "wall", "fn": time.perf_counter}
@@ -365,7 +370,7 @@ def _clock(fn: Callable[[], Any], device: Any) -> tuple[float, float, Any]:
     """(seconds on the run's clock, wall seconds, fn()), the device synchronised around fn."""
     import torch
 
-    from .solve import _sync
+    from reconviz.solve import _sync
 
     device = torch.device(device)
     _sync(device)
@@ -373,6 +378,41 @@ def _clock(fn: Callable[[], Any], device: Any) -> tuple[float, float, Any]:
     out = fn()
     _sync(device)
     return _CLOCK["fn"]() - t0, time.perf_counter() - w0, out
+
+
+_CHECKS: list[float] = []  # seconds (the run's clock) of every call of reconviz.pipeline.self_checks
+
+
+def _time_self_checks() -> bool:
+    """Wrap ``reconviz.pipeline.self_checks`` (which ``rv.reconstruct`` calls after every
+    solve) so that each call's seconds on the run's clock land in ``_CHECKS``. The timed
+    region of a row is still the whole ``rv.reconstruct`` call: this only splits it."""
+    from reconviz import pipeline
+    from reconviz.solve import _sync
+
+    orig = getattr(pipeline, "self_checks", None)
+    if orig is None:
+        return False
+    if getattr(orig, "_bench_timed", False):
+        return True
+
+    def timed(lin, *args, **kwargs):
+        device = lin.probes.device
+        _sync(device)
+        t0 = _CLOCK["fn"]()
+        try:
+            return orig(lin, *args, **kwargs)
+        finally:
+            _sync(device)
+            _CHECKS.append(_CLOCK["fn"]() - t0)
+
+    timed._bench_timed = True  # type: ignore[attr-defined]
+    pipeline.self_checks = timed
+    return True
+
+
+def _checks_since(start: int) -> float | None:
+    return sum(_CHECKS[start:]) if len(_CHECKS) > start else None
 
 
 def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
@@ -397,6 +437,8 @@ def child(spec: dict) -> dict:
     model, x = case.build()
     if task == "count":
         return _count(model, x, spec)
+    if task in RV_METHODS:
+        _time_self_checks()
     base = _rss_peak()
     res: dict[str, Any] = {"base_rss": base}
     try:
@@ -416,17 +458,29 @@ def child(spec: dict) -> dict:
 
 
 def _full_runs(task: str, model, x, spec: dict) -> dict:
-    times, out = [], None
+    times, checks, out = [], [], None
     for i in range(spec["repeats"] + 1):
+        start = len(_CHECKS)
         t, out = _timed(lambda: _call(task, model, x, spec["k"], spec), spec["device"])
         times.append(t)
+        checks.append(_checks_since(start))
         if sum(times) > spec["budget"] / 4:
             break
     if len(times) > 2:  # the first call was a warm-up: one-time costs (allocator, first use of kernels)
-        times = times[1:]
+        times, checks = times[1:], checks[1:]
     w, b, info = out
-    return {"status": "ok", "times": times, "seconds": statistics.median(times), "info": info,
-            "fingerprint": _fingerprint(w, b)}
+    res = {"status": "ok", "times": times, "seconds": statistics.median(times), "info": info,
+           "fingerprint": _fingerprint(w, b)}
+    res.update(_checks_row(checks, times))
+    return res
+
+
+def _checks_row(checks: list[float | None], times: list[float]) -> dict:
+    """The self-checks' seconds per timed call (median, and as a fraction of the call)."""
+    if not checks or any(c is None for c in checks):
+        return {}
+    return {"checks": {"times": checks, "seconds": statistics.median(checks),
+                       "fraction": statistics.median(c / t for c, t in zip(checks, times) if t > 0)}}
 
 
 def _partial_runs(task: str, model, x, spec: dict) -> dict:
@@ -434,24 +488,29 @@ def _partial_runs(task: str, model, x, spec: dict) -> dict:
     only adds time) and extrapolate to the full size."""
     u1, u2 = spec["units"]
     full = spec["full_units"]
-    t1, info1 = _fastest(task, model, x, u1, spec)
-    t2, info = _fastest(task, model, x, u2, spec)
+    t1, info1, _ = _fastest(task, model, x, u1, spec)
+    t2, info, c2 = _fastest(task, model, x, u2, spec)
     done1, done2 = info1.get("units_done", u1), info.get("units_done", u2)
     if "solve_seconds" in info:  # basis: fixed costs once, the sweep's measured rate for every column
         s2 = info["solve_seconds"]
         total = t2 - s2 + full * s2 / done2
     else:
         total = extrapolate((done1, t1), (done2, t2), full)
-    return {"status": "ok", "extrapolated": True, "times": [t1, t2], "units": [done1, done2], "full_units": full,
-            "seconds": total, "done_fraction": done2 / full, "info": info}
+    res = {"status": "ok", "extrapolated": True, "times": [t1, t2], "units": [done1, done2], "full_units": full,
+           "seconds": total, "done_fraction": done2 / full, "info": info}
+    if c2 is not None:  # the checks' cost does not grow with the classes: the partial run's, against the total
+        res["checks"] = {"times": [c2], "seconds": c2, "fraction": c2 / total}
+    return res
 
 
-def _fastest(task: str, model, x, units: int, spec: dict, runs: int = 2) -> tuple[float, dict]:
-    best: tuple[float, dict] | None = None
+def _fastest(task: str, model, x, units: int, spec: dict, runs: int = 2) -> tuple[float, dict, float | None]:
+    """(seconds, info, self-check seconds) of the fastest of ``runs`` calls on ``units``."""
+    best: tuple[float, dict, float | None] | None = None
     for _ in range(runs):
+        start = len(_CHECKS)
         t, (_, _, info) = _timed(lambda: _call(task, model, x, units, spec), spec["device"])
         if best is None or t < best[0]:
-            best = (t, info)
+            best = (t, info, _checks_since(start))
     return best
 
 
@@ -549,7 +608,7 @@ class Options:
 def run_child(spec: dict, opts: Options) -> dict:
     """One child process; its JSON result (or a failure row)."""
     spec = dict(spec, threads=opts.threads, dtype=opts.dtype, device=opts.device, mem_cap=opts.mem_cap)
-    cmd = [sys.executable, "-m", "reconviz.bench", "--child", json.dumps(spec)]
+    cmd = [sys.executable, str(RUN_SCRIPT), "--child", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
     except subprocess.TimeoutExpired:
@@ -717,9 +776,19 @@ def _notes(row: dict) -> str:
     return "; ".join(notes)
 
 
+def _fmt_checks(row: dict) -> str:
+    """The self-checks' median seconds and their share of the row's timed call."""
+    c = row.get("checks")
+    if not c or not _ok(row):
+        return "-"
+    frac = c["fraction"]
+    return f"{_fmt_s(c['seconds'])} ({frac:.0%})" if frac >= 0.095 else f"{_fmt_s(c['seconds'])} ({frac:.1%})"
+
+
 def _row_line(row: dict) -> str:
+    checks = f"  self-checks {_fmt_checks(row)}" if row.get("checks") else ""
     return f"  {row['case']:<12} {row['method']:<16} {row.get('status', ''):<8} {_fmt_s(row.get('seconds')):>10}  " \
-           f"peak {_gb(peak_bytes(row))}  {_notes(row)}"
+           f"peak {_gb(peak_bytes(row))}{checks}  {_notes(row)}"
 
 
 def _gb(b: int | None) -> str:
@@ -729,14 +798,16 @@ def _gb(b: int | None) -> str:
 
 
 def format_table(rows: list[dict], matmul: dict) -> str:
-    """The markdown table of every row: time, ratio to the loop, FLOP rate, peak RSS, W."""
+    """The markdown table of every row: time, ratio to the loop, the self-checks' share of
+    the time (reconviz rows), FLOP rate, peak RSS, W."""
     peak = matmul.get("flops_per_s")
-    head = ("| case | method | time (median) | x loop | GFLOP/s (% of matmul) | peak RSS | W | notes |\n"
-            "|---|---|---:|---:|---:|---:|---:|---|\n")
+    head = ("| case | method | time (median) | x loop | self-checks (% of time) | GFLOP/s (% of matmul) "
+            "| peak RSS | W | notes |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     lines = []
     for r in rows:
         if "count" not in r:
-            lines.append(f"| {r['case']} | {r['method']} | - | - | - | - | - | {r.get('message', '')} |")
+            lines.append(f"| {r['case']} | {r['method']} | - | - | - | - | - | - | {r.get('message', '')} |")
             continue
         loop = _by_method(rows, r["case"]).get("loop")
         ratio = f"{r['seconds'] / loop['seconds']:.2f}" if _ok(r) and loop and _ok(loop) else "-"
@@ -746,9 +817,19 @@ def format_table(rows: list[dict], matmul: dict) -> str:
             rate = f"{fl / 1e9:.1f} ({fl / peak:.0%})" if peak else f"{fl / 1e9:.1f}"
         if _ok(r) and r["case"] == "digits-all":
             rate += f"; {r['count']['probes'] / r['seconds']:.0f} probes/s"
-        lines.append(f"| {r['case']} | {r['method']} | {_fmt_s(r.get('seconds'))} | {ratio} | {rate} | "
+        lines.append(f"| {r['case']} | {r['method']} | {_fmt_s(r.get('seconds'))} | {ratio} | {_fmt_checks(r)} | "
+                     f"{rate} | "
                      f"{_gb(peak_bytes(r))} | {_gb(weight_bytes(r))} | {_notes(r)} |")
     return head + "\n".join(lines) + "\n"
+
+
+def _with_checks(row: dict, loop: dict) -> str:
+    """How much of a ratio to the loop the self-checks are (they are inside the timed call)."""
+    c = row.get("checks")
+    if not c:
+        return ""
+    return (f", self-checks included: {_fmt_checks(row)} of the call; "
+            f"{(row['seconds'] - c['seconds']) / loop['seconds']:.2f} without them")
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -762,7 +843,8 @@ def targets(rows: list[dict]) -> list[str]:
         solo = m.get("adjoint")
         if not auto and solo and _ok(solo) and loop and _ok(loop):
             ratio = solo["seconds"] / loop["seconds"]
-            parts.append(f"adjoint / loop = {ratio:.2f} ({'PASS' if ratio <= 1.25 else 'FAIL'} <= 1.25)")
+            parts.append(f"adjoint / loop = {ratio:.2f} ({'PASS' if ratio <= 1.25 else 'FAIL'} <= 1.25"
+                         f"{_with_checks(solo, loop)})")
         if auto and _ok(auto) and rv_rows:
             best = min(rv_rows.values(), key=lambda r: r["seconds"])
             chosen = auto["info"].get("chosen")
@@ -772,7 +854,8 @@ def targets(rows: list[dict]) -> list[str]:
                          f"{best['method']} {_fmt_s(best['seconds'])}): {'PASS' if ok else 'FAIL'}")
             if loop and _ok(loop):
                 ratio = auto["seconds"] / loop["seconds"]
-                parts.append(f"auto / loop = {ratio:.2f} ({'PASS' if ratio <= 1.25 else 'FAIL'} <= 1.25)")
+                parts.append(f"auto / loop = {ratio:.2f} ({'PASS' if ratio <= 1.25 else 'FAIL'} <= 1.25"
+                             f"{_with_checks(auto, loop)})")
         mem = [(k, peak_bytes(v), weight_bytes(v)) for k, v in m.items() if k in RV_METHODS and _ok(v)]
         bad = [k for k, p, w in mem if p is not None and p > w + 1.5 * GB]
         if mem:
@@ -817,7 +900,7 @@ def report(table: str, bullets: list[str], matmul: dict, info: dict) -> str:
     la, lb = info["load_start"], info.get("load_end")
     lines = [
         DOC_START,
-        f"Run: `{info.get('command', 'python -m reconviz.bench')}` on {info['date']}, "
+        f"Run: `{info.get('command', PROG)}` on {info['date']}, "
         f"{info['wall_s'] / 60:.1f} min.",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM; Python {info['python']}, "
@@ -848,6 +931,17 @@ def _update_note(info: dict) -> list[str]:
             f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}) on the same machine and settings.", ""]
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_doc(path: Path, block: str) -> None:
     """Replace the marked block of ``path`` (or create the file around it)."""
     text = path.read_text() if path.exists() else "# Performance\n\n" + DOC_START + "\n" + DOC_END + "\n"
@@ -856,11 +950,11 @@ def write_doc(path: Path, block: str) -> None:
         text = head + block + rest.split(DOC_END, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, text)
 
 
 def parse(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
-    ap = argparse.ArgumentParser(prog="python -m reconviz.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits + a small VGG (~1-2 min)")
     ap.add_argument("--cases", nargs="*", default=None, choices=list(CASES), help="run only these cases")
     ap.add_argument("--threads", type=int, default=1,
@@ -894,7 +988,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     t0 = time.perf_counter()
     info = machine(opts)
-    info["command"] = " ".join(["python -m reconviz.bench", *(sys.argv[1:] if argv is None else argv)])
+    info["command"] = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
     print(f"reconviz bench: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB, threads {info['threads']}, "
           f"load {info['load_start'][0]:.2f}", flush=True)
     rows, matmul = [], None
@@ -927,7 +1021,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"wrote {doc}")
     if a.json:
         raw = json.dumps({"machine": info, "matmul": matmul, "rows": rows}, indent=1, default=str)
-        atomic_write(Path(a.json), lambda f: f.write(raw.encode()))
+        atomic_write_text(Path(a.json), raw)
     return rows
 
 
