@@ -18,7 +18,7 @@ from torch import Tensor
 from .errors import InputError, ReconvizError, ReplayMismatchError
 from .ops.base import op_name
 from .ops.gates import Call, Gate, Prior, gate_named
-from .probe import MODEL_ERRORS, GateMode, OutputSelector, Probe, Recording, probe, record, select_output
+from .probe import MODEL_ERRORS, GateMode, OutputSelector, Probe, probe, select_output
 
 __all__ = ["LinearizedModel", "linearize", "ReplayMode"]
 
@@ -165,14 +165,6 @@ class LinearizedModel(nn.Module):
         with torch.no_grad():
             return self(x, observer=observe, mode=ModelMode), held
 
-    def record_at(self, x: Tensor) -> Recording:
-        """The *model* (not g) at ``x`` (N, ...): its outputs and the choices its gates make there."""
-        return record(self.work, self._check(x), self.output)
-
-    def same_region(self, priors: list[Prior]) -> bool:
-        """True when ``priors`` (from :meth:`record_at`) make every choice the probe made."""
-        return len(priors) == len(self.priors) and all(_same_prior(a, b) for a, b in zip(priors, self.priors))
-
     def forward(self, x: Tensor, observer: Observer | None = None, mode: type = ReplayMode) -> Tensor:
         x = self._check(x)
         mode = mode(self.work, self.priors, observer)
@@ -208,12 +200,6 @@ class LinearizedModel(nn.Module):
         y = x.to(device=self.probes.device, dtype=self.dtype)
         # in-place gates must never write into the caller's tensor (nor into a grad leaf)
         return x.clone() if y is x else y
-
-
-def _same_prior(a: Prior, b: Prior) -> bool:
-    if (a.gate, a.op, a.module_path, a.constant, a.shape) != (b.gate, b.op, b.module_path, b.constant, b.shape):
-        return False
-    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 def linearize(

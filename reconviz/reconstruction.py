@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .errors import ExactnessError, InputError
 from .files import atomic_write
-from .selfcheck import SelfCheck
+from .selfcheck import SelfCheck, relative_error
 
 if TYPE_CHECKING:
     from .linearize import LinearizedModel
@@ -50,11 +50,6 @@ BLOCK_BYTES = 64 * 2**20  # bytes of a mapped W touched at once before its pages
 def tolerance_for(dtype: torch.dtype) -> float:
     """Relative tolerance of the exactness contract: |Wx+b - f(x)| <= tol * max(1, |f(x)|)."""
     return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
-
-
-def relative_error(a: Tensor, ref: Tensor) -> Tensor:
-    """|a - ref| / max(1, |ref|), elementwise."""
-    return (a - ref).abs() / ref.abs().clamp_min(1.0)
 
 
 class MappedWeight:

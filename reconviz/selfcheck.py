@@ -21,14 +21,19 @@ Each check is a :class:`SelfCheck`; a failed one raises
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import ExactnessError
 
-__all__ = ["SelfCheck", "affinity_point", "compare_outputs", "raise_if_failed"]
+__all__ = ["SelfCheck", "affinity_point", "compare_outputs", "raise_if_failed", "relative_error"]
+
+
+def relative_error(a: Tensor, ref: Tensor) -> Tensor:
+    """|a - ref| / max(1, |ref|), elementwise: the contract's error."""
+    return (a - ref).abs() / ref.abs().clamp_min(1.0)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ def affinity_point(x0: Tensor, seed: int = 0) -> Tensor:
 
 def compare_outputs(name: str, got: Tensor, expected: Tensor, tolerance: float, detail: str) -> SelfCheck:
     """SelfCheck of ``got`` (W x + b) against ``expected`` (g(x) or f(x)), relative as the contract."""
-    err = float(((got - expected).abs() / expected.abs().clamp_min(1.0)).max()) if got.numel() else 0.0
+    err = float(relative_error(got, expected).max()) if got.numel() else 0.0
     ok = err <= tolerance  # NaN fails
     return SelfCheck(name, bool(ok), err, tolerance, detail)
 
@@ -97,5 +102,3 @@ def raise_if_failed(checks: list[SelfCheck]) -> None:
                 f"{c.tolerance:g} ({c.detail}). {what}"
             )
 
-
-Evaluate = Callable[[Tensor], Tensor]
