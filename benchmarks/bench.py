@@ -57,7 +57,7 @@ RUN_SCRIPT = Path(__file__).resolve().with_name("run.py")  # the entry point; ch
 PROG = "python benchmarks/run.py"
 RESULT_TAG = "RECONVIZ-BENCH-RESULT "
 DOC_START, DOC_END = "<!-- bench:start -->", "<!-- bench:end -->"
-RV_METHODS = ("basis-identity", "basis-hadamard", "basis-random", "adjoint", "auto")
+RV_METHODS = ("basis-identity", "basis-hadamard", "basis-random", "adjoint", "head", "auto")
 ALT_METHODS = ("loop", "jacrev", "jacrev-c10", "jacrev-c50", "jacobian-vec")
 
 
@@ -166,6 +166,7 @@ class Case:
     budget: float = 40.0
     repeats: int = 3
     many_probes: bool = False
+    full: tuple[str, ...] = ("head",)  # never on partial classes (the head's cost is its width P, not K)
 
 
 def _vgg_case(size: int, classes: int, methods: tuple[str, ...], budget: float = 40.0) -> Case:
@@ -186,6 +187,9 @@ CASES: dict[str, Case] = {c.name: c for c in [
     _vgg_case(128, 100, ("basis-identity", "adjoint", "auto", "loop", "jacrev-c10", "jacobian-vec"), budget=60.0),
     _vgg_case(128, 1000, ("basis-identity", "basis-hadamard", "adjoint", "auto", "loop", "jacrev-c10",
                           "jacrev-c50", "jacrev", "jacobian-vec"), budget=150.0),
+    Case("resnet18-64", "ResNet-18-shaped 3x64x64, 1000 classes (head: 512 features)",
+         lambda: (resnet18(), _random_input((3, 64, 64))), 1000, ("head", "auto", "adjoint", "loop"),
+         budget=30.0, repeats=1, full=("head", "auto")),
     Case("resnet18", "ResNet-18-shaped 3x224x224, 1000 classes", lambda: (resnet18(), _random_input((3, 224, 224))),
          1000, ("adjoint", "loop", "basis-identity"), budget=15.0, repeats=1),
 ]}
@@ -215,7 +219,8 @@ def _rv_reconstruct(model, x, k: int, method: str, dtype, max_memory):
     info = {"chosen": m["method"], "chunk": m.get("chunk_size"), "streamed": rec.streamed,
             "rel_error": m["max_rel_error"], "timings": m["timings"]}
     if "auto" in m:
-        info["auto"] = {key: m["auto"][key] for key in ("basis_cost", "adjoint_cost", "chosen") if key in m["auto"]}
+        info["auto"] = {key: m["auto"][key] for key in ("basis_cost", "adjoint_cost", "head_cost", "chosen")
+                        if key in m["auto"]}
     return rec.weight.reshape(rec.n_probes, rec.n_classes, -1), rec.bias, info
 
 
@@ -314,6 +319,8 @@ def _call(method: str, model, x, units: int, spec: dict):
         return _rv_reconstruct(model, x, units, method, dtype, spec.get("max_memory"))
     if method == "loop":
         return _loop(model, x, units, dtype, device)
+    if method in case.full:
+        return spec
     if method == "loop-per-probe":
         return _loop_per_probe(model, x[:units], spec["k"], dtype, device)
     return _jac_alt(model, x, units, dtype, device, method)
@@ -370,7 +377,7 @@ def _clock(fn: Callable[[], Any], device: Any) -> tuple[float, float, Any]:
     """(seconds on the run's clock, wall seconds, fn()), the device synchronised around fn."""
     import torch
 
-    from reconviz.solve import _sync
+    from reconviz.solve.chunking import _sync
 
     device = torch.device(device)
     _sync(device)
@@ -380,17 +387,27 @@ def _clock(fn: Callable[[], Any], device: Any) -> tuple[float, float, Any]:
     return _CLOCK["fn"]() - t0, time.perf_counter() - w0, out
 
 
-_CHECKS: list[float] = []  # seconds (the run's clock) of every call of reconviz.pipeline.self_checks
+_CHECKS: list[float] = []  # seconds (the run's clock) of every self-check pass of rv.reconstruct
+
+SELF_CHECK_STEPS = ("timed_pass", "self_checks")  # reconviz.pipeline's names: g at the affinity point
+# (run before the solve, and timed for it), then the comparisons and the region check's pass of f
 
 
 def _time_self_checks() -> bool:
-    """Wrap ``reconviz.pipeline.self_checks`` (which ``rv.reconstruct`` calls after every
-    solve) so that each call's seconds on the run's clock land in ``_CHECKS``. The timed
-    region of a row is still the whole ``rv.reconstruct`` call: this only splits it."""
+    """Wrap :data:`SELF_CHECK_STEPS` in ``reconviz.pipeline`` (``rv.reconstruct`` calls each
+    once per solve) so that each call's seconds on the run's clock land in ``_CHECKS``. The
+    timed region of a row is still the whole ``rv.reconstruct`` call: this only splits it."""
     from reconviz import pipeline
-    from reconviz.solve import _sync
 
-    orig = getattr(pipeline, "self_checks", None)
+    return all(_wrap_timed(pipeline, name) for name in SELF_CHECK_STEPS)
+
+
+def _wrap_timed(module: Any, name: str) -> bool:
+    """Replace ``module.name`` (a function whose first argument is the linearized model) by a
+    timed wrapper appending to ``_CHECKS``; False when the name is missing."""
+    from reconviz.solve.chunking import _sync
+
+    orig = getattr(module, name, None)
     if orig is None:
         return False
     if getattr(orig, "_bench_timed", False):
@@ -407,7 +424,7 @@ def _time_self_checks() -> bool:
             _CHECKS.append(_CLOCK["fn"]() - t0)
 
     timed._bench_timed = True  # type: ignore[attr-defined]
-    pipeline.self_checks = timed
+    setattr(module, name, timed)
     return True
 
 
@@ -650,6 +667,8 @@ def plan_spec(case: Case, method: str, count: dict, opts: Options, rate_guess: d
         need = _predicted_alt_bytes(method, count, k)
         if need > opts.mem_cap:
             return {"skip": f"skipped: predicted {need / GB:.0f} GB > {opts.mem_cap / GB:.0f} GB cap"}
+    if method in case.full:
+        return spec
     if method == "loop-per-probe":
         per = rate_guess["fwd"] + k * rate_guess["bwd"] + 2e-3 * (k + 3)
         units = max(8, min(n, int(budget / 3 / per)))

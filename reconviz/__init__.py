@@ -18,7 +18,7 @@ from .errors import (
     TrainingModeWarning,
     UnsupportedOperationError,
 )
-from .ops.gates import GATES, Gate, Prior, register_gate
+from .ops.gates import Gate, Prior, register_gate, registered_gates
 from .linearize import LinearizedModel, linearize
 from .pipeline import reconstruct
 from .radius import Radius, certified_radius
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Basis", "make_basis", "ExactnessError", "HooksRemovedWarning", "InputError", "ReconvizError", "ReplayMismatchError",
-    "TrainingModeWarning", "UnsupportedOperationError", "GATES", "Gate", "Prior", "register_gate",
+    "TrainingModeWarning", "UnsupportedOperationError", "Gate", "Prior", "register_gate", "registered_gates",
     "LinearizedModel", "linearize", "reconstruct", "Radius", "certified_radius", "Reconstruction",
     "FrozenOp", "tolerance_for", "VerificationReport", "VerifyBackend", "verify", "__version__",
 ]
@@ -38,7 +38,12 @@ __all__ = [
 def __getattr__(name: str):
     # Submodules with heavier imports load on first use: rv.plot, rv.saliency, rv.metrics, rv.onnx, rv.models
     import importlib
+    import warnings
 
-    if name in ("plot", "saliency", "metrics", "onnx", "models", "cli"):
+    if name in ("plot", "saliency", "metrics", "onnx", "models"):
         return importlib.import_module(f".{name}", __name__)
+    if name == "GATES":  # was a mutable list: now a snapshot, and a warning
+        warnings.warn("rv.GATES is deprecated: use rv.registered_gates() (a tuple) to read the registry and "
+                      "rv.register_gate / reconviz.ops.registered to change it", DeprecationWarning, stacklevel=2)
+        return registered_gates()
     raise AttributeError(f"module 'reconviz' has no attribute {name!r}")

@@ -1,5 +1,9 @@
 """The ``reconviz`` command line: ``demo``, ``reconstruct``, ``verify``, ``show``.
 
+Argument parsing and one function per command: models, inputs and saved
+reconstructions are loaded by :mod:`reconviz.io`; the work is the library's
+(``reconviz.reconstruct``, ``reconviz.verify``, ``reconviz.onnx``, ``reconviz.plot``).
+
 Exit codes: 0 the reconstruction verified (PASS), 1 it did not (FAIL, including
 an :class:`~reconviz.errors.ExactnessError`), 2 a usage or input mistake (bad
 option, missing or unreadable file, bad ``--arch``, any other
@@ -13,23 +17,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
-import json
 import math
-import os
 import sys
 import tempfile
 import time
 import traceback
-import warnings
-import zipfile
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import ReconvizError
+from .io import (PREPROCESS_KEYS, LoadedModel, UsageError, load_class_names, load_digits, load_inputs, load_model,
+                 load_reconstruction, one_line, recorded_preprocessing)
 
 __all__ = ["main", "UsageError"]
 
@@ -37,9 +36,7 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 REC_NAME = "reconstruction.npz"
 MAX_FIGURE_PROBES = 16
 
-
-class UsageError(ReconvizError):
-    """A mistake of the caller (option, file, architecture): exit code 2, one line."""
+_onnx_file = LoadedModel.onnx_file  # (loaded, x, workdir): a TorchScript model's ONNX export
 
 
 class _Parser(argparse.ArgumentParser):
@@ -238,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _classify(e: BaseException) -> tuple[int, str]:
     from .errors import ExactnessError
 
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = one_line(e)
     if isinstance(e, ExactnessError):
         return EXIT_FAIL, text
     if isinstance(e, ReconvizError):  # UsageError included
@@ -257,309 +254,18 @@ def _fail(message: str, debug: bool) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Models: TorchScript, ONNX, state_dict + --arch, pickled (opt-in)
+# Options -> reconviz.io
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class LoadedModel:
-    """What MODEL turned out to be. ``module`` for PyTorch, ``onnx_path`` for ONNX/TorchScript."""
-
-    kind: str  # "torch", "torchscript" or "onnx"
-    source: str
-    module: Any = None  # nn.Module (torch) or torch.jit.ScriptModule (torchscript)
-    onnx_path: Path | None = None
-
-    def describe(self) -> str:
-        return {"torch": "PyTorch model", "torchscript": "TorchScript model", "onnx": "ONNX model"}[self.kind]
-
-
-def load_model(path_text: str, args: argparse.Namespace) -> LoadedModel:
-    path = _existing_file(path_text, "model")
-    if path.suffix.lower() == ".onnx":
-        _no_arch(args, "an ONNX file")
-        return LoadedModel("onnx", str(path), onnx_path=path)
-    if _is_torchscript(path):
-        _no_arch(args, "a TorchScript file")
-        import torch
-
-        try:
-            script = torch.jit.load(str(path), map_location="cpu")
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(f"cannot load TorchScript file {path}: {_one_line(e)}") from e
-        return LoadedModel("torchscript", str(path), module=script.eval())
-    obj = _torch_load(path, args.unsafe_pickle)
-    import torch.nn as nn
-
-    if isinstance(obj, nn.Module):
-        if args.arch:
-            raise UsageError(f"{path} holds a whole pickled model, not a state_dict: drop --arch")
-        return LoadedModel("torch", str(path), module=obj.eval())
-    state = _state_dict(obj, path)
-    if not args.arch:
-        raise UsageError(
-            f"{path} is a state_dict (weights only): name the architecture with "
-            "--arch package.module:ClassName (and --arch-kwargs JSON if it takes arguments)"
-        )
-    model = _build_arch(args.arch, args.arch_kwargs)
-    _load_state(model, state, path)
-    return LoadedModel("torch", str(path), module=model.eval())
-
-
-def _no_arch(args: argparse.Namespace, what: str) -> None:
-    if getattr(args, "arch", None) or getattr(args, "arch_kwargs", None):
-        raise UsageError(f"--arch/--arch-kwargs apply to state_dict files; MODEL is {what}")
-
-
-def _existing_file(path_text: str, what: str) -> Path:
-    path = Path(path_text)
-    if not path.exists():
-        raise UsageError(f"{what} file not found: {path}")
-    if not path.is_file():
-        raise UsageError(f"{what} path is not a file: {path}")
-    return path
-
-
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files with a ``code/`` folder; torch.save archives have none."""
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any("/code/" in n or n.startswith("code/") for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
-
-
-def _torch_load(path: Path, unsafe: bool) -> Any:
-    import torch
-
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
-            raise UsageError(f"cannot read {path} as a PyTorch file: {_one_line(e)}") from e
-        if not unsafe:
-            raise UsageError(
-                f"{path} is not a weights-only file (it pickles Python objects, e.g. a whole model). "
-                "Loading it can run arbitrary code: save model.state_dict() and use --arch, or pass "
-                "--unsafe-pickle if you trust the file"
-            ) from e
-    _cwd_importable()  # a pickled model refers to its class by module name, as under `python`
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(f"cannot unpickle {path}: {_one_line(e)}") from e
-
-
-def _state_dict(obj: Any, path: Path) -> dict:
-    import torch
-
-    def is_state(d: Any) -> bool:
-        return isinstance(d, dict) and bool(d) and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
-        )
-
-    if is_state(obj):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model", "net"):
-            if is_state(obj.get(key)):
-                return obj[key]
-        keys = ", ".join(map(str, list(obj)[:8]))
-        raise UsageError(f"{path} holds a dict that is not a state_dict (keys: {keys})")
-    raise UsageError(f"{path} holds a {type(obj).__name__}, not a state_dict or a model")
-
-
-def _build_arch(spec: str, kwargs_json: str | None) -> Any:
-    import torch.nn as nn
-
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise UsageError(f"--arch must look like package.module:ClassName or file.py:ClassName, got {spec!r}")
-    module = _import_target(target)
-    try:
-        factory = module
-        for part in name.split("."):
-            factory = getattr(factory, part)
-    except AttributeError:
-        raise UsageError(f"--arch: {target} has no attribute {name!r}") from None
-    if not callable(factory):
-        raise UsageError(f"--arch: {spec} is not a class or function")
-    kwargs: dict = {}
-    if kwargs_json:
-        try:
-            kwargs = json.loads(kwargs_json)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--arch-kwargs is not valid JSON: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError(f"--arch-kwargs must be a JSON object, got {type(kwargs).__name__}")
-    try:
-        model = factory(**kwargs)
-    except TypeError as e:
-        raise UsageError(f"--arch: {spec}(**{kwargs}) failed: {_one_line(e)}") from e
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"--arch: {spec} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _import_target(target: str) -> Any:
-    if target.endswith(".py"):
-        file = Path(target)
-        if not file.is_file():
-            raise UsageError(f"--arch: file not found: {file}")
-        name = f"_reconviz_arch_{abs(hash(str(file.resolve())))}"
-        spec = importlib.util.spec_from_file_location(name, file)
-        if spec is None or spec.loader is None:
-            raise UsageError(f"--arch: cannot import {file}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(f"--arch: importing {file} failed: {type(e).__name__}: {_one_line(e)}") from e
-        return module
-    _cwd_importable()
-    try:
-        return importlib.import_module(target)
-    except ModuleNotFoundError as e:
-        raise UsageError(f"--arch: no module named {e.name!r} (is it installed or in the working folder?)") from e
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--arch: importing {target} failed: {type(e).__name__}: {_one_line(e)}") from e
-
-
-def _cwd_importable() -> None:
-    """Like ``python -m``: modules in the working folder are importable."""
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-
-
-def _load_state(model: Any, state: dict, path: Path) -> None:
-    if all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        msg = _one_line(e).replace("Error(s) in loading state_dict for", "state_dict does not fit")
-        raise UsageError(f"{path}: {msg[:400]}") from e
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-# ---------------------------------------------------------------------------
-# Inputs: images and .npy arrays
-# ---------------------------------------------------------------------------
-
-_PREPROCESS_KEYS = ("size", "grayscale", "rgb", "scale", "mean", "std", "npy_batch")
+def _model(args: argparse.Namespace) -> LoadedModel:
+    return load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, unsafe_pickle=args.unsafe_pickle)
 
 
 def preprocessing(args: argparse.Namespace, recorded: dict | None = None) -> dict:
     """The preprocessing options given on the command line, else those recorded, else defaults."""
     recorded = recorded or {}
-    return {k: getattr(args, k) if getattr(args, k, None) is not None else recorded.get(k) for k in _PREPROCESS_KEYS}
-
-
-def load_inputs(paths: Sequence[str], pre: dict) -> "Any":
-    """Read and preprocess the inputs into one float64 batch (N, ...)."""
-    import numpy as np
-    import torch
-
-    samples: list[np.ndarray] = []
-    for text in paths:
-        path = _existing_file(text, "input")
-        if path.suffix.lower() == ".npy":
-            arr = _read_npy(path, pre)
-            samples.extend(arr)
-        else:
-            samples.append(_read_image(path, pre))
-    shapes = {s.shape for s in samples}
-    if len(shapes) > 1:
-        listed = ", ".join(f"{p}: {tuple(s.shape)}" for p, s in zip(paths, samples))
-        raise UsageError(
-            f"the inputs have different shapes ({listed[:300]}); use --size H W and --grayscale/--rgb "
-            "to give images one shape"
-        )
-    x = np.stack(samples).astype(np.float64)
-    if pre.get("mean") is not None:
-        x = x - _per_channel(pre["mean"], x, "--mean")
-    if pre.get("std") is not None:
-        std = _per_channel(pre["std"], x, "--std")
-        if (std == 0).any():
-            raise UsageError("--std must not contain 0")
-        x = x / std
-    if not np.isfinite(x).all():
-        raise UsageError("the inputs contain NaN or Inf values")
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def _per_channel(values: list[float], x: Any, flag: str) -> Any:
-    import numpy as np
-
-    v = np.asarray(values, dtype=np.float64)
-    if x.ndim < 3 and len(v) > 1:
-        raise UsageError(f"{flag} gives {len(v)} values, but the inputs have no channel axis")
-    channels = x.shape[1] if x.ndim >= 3 else 1
-    if len(v) not in (1, channels):
-        raise UsageError(f"{flag} gives {len(v)} values; the inputs have {channels} channel(s)")
-    return v.reshape((1, -1) + (1,) * (x.ndim - 2)) if x.ndim >= 3 else v
-
-
-def _read_npy(path: Path, pre: dict) -> list:
-    import numpy as np
-
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"cannot read {path} as a .npy array: {_one_line(e)}") from e
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-        raise UsageError(f"{path} must hold a numeric array, got dtype {getattr(arr, 'dtype', type(arr))}")
-    if arr.ndim == 0:
-        raise UsageError(f"{path} holds a scalar, not a sample")
-    arr = arr.astype(np.float64) * (pre.get("scale") or 1.0)
-    if pre.get("npy_batch") or arr.ndim == 4:
-        if arr.shape[0] == 0:
-            raise UsageError(f"{path} holds an empty batch")
-        return list(arr)
-    if arr.ndim == 2:  # one one-channel image (H, W)
-        arr = arr[None]
-    return [arr]
-
-
-def _read_image(path: Path, pre: dict) -> Any:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if pre.get("grayscale"):
-                target = "L"
-            elif pre.get("rgb"):
-                target = "RGB"
-            else:
-                target = "L" if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") else "RGB"
-            if mode in ("I", "I;16", "I;16B", "I;16L", "F") and target == "L":
-                img = img.convert("F") if mode != "F" else img
-                full = 1.0 if mode == "F" else 65535.0
-            else:
-                img = img.convert(target)
-                full = 255.0
-            if pre.get("size"):
-                h, w = pre["size"]
-                img = img.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.float64)
-    except UnidentifiedImageError:
-        raise UsageError(f"{path} is not an image file Pillow can read (use .npy for arrays)") from None
-    except OSError as e:
-        raise UsageError(f"cannot read image {path}: {_one_line(e)}") from e
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return arr * (pre["scale"] if pre.get("scale") is not None else 1.0 / full)
+    return {k: getattr(args, k) if getattr(args, k, None) is not None else recorded.get(k) for k in PREPROCESS_KEYS}
 
 
 def parse_classes(text: str | None, logits: Callable[[], Any]) -> list[int] | None:
@@ -576,28 +282,13 @@ def parse_classes(text: str | None, logits: Callable[[], Any]) -> list[int] | No
         if k < 1:
             raise UsageError(f"--classes: K in top-K must be at least 1, got {text!r}")
         out = logits()  # (N, K_all) float tensor
-        k = min(k, out.shape[1])
-        top = out.topk(k, dim=1).indices
+        top = out.topk(min(k, out.shape[1]), dim=1).indices
         order = out.max(dim=0).values  # the union, largest logit first
-        chosen = sorted({int(c) for c in top.reshape(-1)}, key=lambda c: -float(order[c]))
-        return chosen
+        return sorted({int(c) for c in top.reshape(-1)}, key=lambda c: -float(order[c]))
     try:
         return [int(c) for c in t.split(",") if c.strip()]
     except ValueError:
         raise UsageError(f"--classes: expected comma-separated indices, top-K or all, got {text!r}") from None
-
-
-def parse_class_names(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    path = Path(text)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        names = [n.strip() for n in text.split(",")]
-    if not names or not all(names):
-        raise UsageError(f"--class-names: expected comma-separated names or a file, got {text!r}")
-    return names
 
 
 def _output_selector(text: str | None) -> Any:
@@ -606,58 +297,15 @@ def _output_selector(text: str | None) -> Any:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _check_names(names: list[str] | None, classes: Any) -> None:
+    if names is not None and classes is not None and len(classes) and max(int(c) for c in classes) >= len(names):
+        raise UsageError(f"--class-names gives {len(names)} names, but class {max(int(c) for c in classes)} "
+                         "is reconstructed")
+
+
 # ---------------------------------------------------------------------------
-# Running a loaded model: reconstruct, forward, verify
+# A loaded model -> the library: reconstruct, verify
 # ---------------------------------------------------------------------------
-
-
-def _onnx_file(loaded: LoadedModel, x: Any, workdir: Path) -> Path:
-    """The ONNX file of an ONNX or TorchScript model (TorchScript is exported once, batch axis dynamic)."""
-    if loaded.onnx_path is not None:
-        return loaded.onnx_path
-    import torch
-
-    from .onnx import export_torch
-
-    path = workdir / "model.onnx"
-    example = x[:1].detach().cpu().to(torch.float32).numpy()
-    try:
-        proto, _ = export_torch(loaded.module, example, ["logits"], strict=True)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(
-            f"the TorchScript model could not be exported to ONNX ({_one_line(e)[:200]}); TorchScript "
-            "runs outside Python, so reconviz cannot intercept it directly: save model.state_dict() "
-            "and pass it with --arch package.module:ClassName"
-        ) from e
-    path.write_bytes(proto.SerializeToString())
-    loaded.onnx_path = path
-    return path
-
-
-def _onnx_forward(path: Path, x: Any, tensor: str | None = None) -> Any:
-    """The ONNX model's first output (or the tensor ``tensor``, e.g. the logits before a
-    final Softmax that reconviz.onnx reconstructs) at x, as float64 (N, K)."""
-    import numpy as np
-    import torch
-
-    from .onnx import run_model
-
-    out = run_model(path, x, tensor)
-    return torch.from_numpy(np.asarray(out, dtype=np.float64))
-
-
-def model_logits(loaded: LoadedModel, x: Any, output: Any, workdir: Path, tensor: str | None = None) -> Any:
-    """f(x) flattened to (N, K_all), in float64 (float32 math for ONNX/TorchScript)."""
-    import torch
-
-    if loaded.kind == "torch":
-        from .probe import working_copy
-        from .verify import run_model
-
-        work = working_copy(loaded.module, torch.float64, x.device)
-        with torch.no_grad():
-            return run_model(work, x.to(torch.float64), output)
-    return _onnx_forward(_onnx_file(loaded, x, workdir), x, tensor)
 
 
 def _reconstruct(loaded: LoadedModel, x: Any, args: argparse.Namespace, classes: Any, workdir: Path) -> Any:
@@ -665,7 +313,7 @@ def _reconstruct(loaded: LoadedModel, x: Any, args: argparse.Namespace, classes:
 
     from . import reconstruct
 
-    if loaded.kind == "torch":
+    if loaded.is_torch:
         dtype = torch.float32 if args.dtype == "float32" else torch.float64
         return reconstruct(loaded.module, x, classes=classes, method=args.method, basis=args.basis,
                            dtype=dtype, chunk_size=args.chunk_size, seed=args.seed,
@@ -680,16 +328,15 @@ def _reconstruct(loaded: LoadedModel, x: Any, args: argparse.Namespace, classes:
         raise UsageError("--output applies to PyTorch models; ONNX models use their first output")
     from . import onnx as rv_onnx
 
-    path = _onnx_file(loaded, x, workdir)
-    return rv_onnx.reconstruct(str(path), x.to(torch.float32), classes=classes, basis=args.basis,
-                               chunk_size=args.chunk_size)
+    return rv_onnx.reconstruct(str(loaded.onnx_file(x, workdir)), x.to(torch.float32), classes=classes,
+                               basis=args.basis, chunk_size=args.chunk_size)
 
 
 def _verify(loaded: LoadedModel, rec: Any, x: Any, args: argparse.Namespace, names: list[str] | None,
-            workdir: Path, tolerance: float | None = None) -> Any:
+            workdir: Path | None, tolerance: float | None = None) -> Any:
     from . import verify
 
-    if loaded.kind == "torch":  # verify falls back to rec's output selector
+    if loaded.is_torch:  # verify falls back to rec's output selector
         return verify(loaded.module, rec, x, tolerance=tolerance, backend=args.backend,
                       output=_output_selector(args.output), class_names=names)
     if args.backend != "torch":
@@ -698,27 +345,22 @@ def _verify(loaded: LoadedModel, rec: Any, x: Any, args: argparse.Namespace, nam
     return _verify_external(loaded, rec, x, names, workdir, tolerance)
 
 
-def _verify_external(loaded: LoadedModel, rec: Any, x: Any, names: list[str] | None, workdir: Path,
+def _verify_external(loaded: LoadedModel, rec: Any, x: Any, names: list[str] | None, workdir: Path | None,
                      tolerance: float | None) -> Any:
-    """The Table 1 view for a model only onnxruntime can run (ONNX, TorchScript)."""
-    from .reconstruction import relative_error
-    from .verify import Comparison, VerificationReport, class_columns
+    """The Table 1 view for a model only onnxruntime can run (ONNX, TorchScript). Not ``reconviz.verify``:
+    that runs the original model in PyTorch (its column, W vs the Jacobian, the radius)."""
+    from .verify import VerificationReport, class_columns, compare
 
-    x = rec.probes if x is None else rec.check_input(x)
-    x = x.to(rec.weight.dtype)
+    x = (rec.probes if x is None else rec.check_input(x)).to(rec.weight.dtype)
     tensor = rec.meta.get("logits_tensor")  # the logits reconviz.onnx reconstructed (before a final Softmax)
-    original = class_columns(model_logits(loaded, x, None, workdir, tensor), rec.classes.cpu()).to(rec.weight.dtype)
+    original = class_columns(loaded.logits(x, None, workdir, tensor), rec.classes.cpu()).to(rec.weight.dtype)
     rebuilt = rec(x)
-    tol = rec.tolerance if tolerance is None else tolerance
     a, b = "reconstructed (torch)", "original (onnxruntime)"
     report = VerificationReport(
         classes=rec.classes.tolist(),
         columns={b: original.detach().cpu().numpy(), a: rebuilt.detach().cpu().numpy()},
-        comparisons=[Comparison(a, b, float((rebuilt - original).abs().max()),
-                                float(relative_error(rebuilt, original).max()), tol)],
-        dtype=str(rec.weight.dtype).replace("torch.", ""),
-        exactness=rec.exactness,
-        class_names=names,
+        comparisons=[compare(a, b, rebuilt, original, rec.tolerance if tolerance is None else tolerance)],
+        dtype=str(rec.weight.dtype).replace("torch.", ""), exactness=rec.exactness, class_names=names,
         self_checks=rec.self_checks,
     )
     report.notes.append(f"{loaded.describe()} run by onnxruntime in float32; W vs Jacobian and the "
@@ -727,49 +369,23 @@ def _verify_external(loaded: LoadedModel, rec: Any, x: Any, names: list[str] | N
     return report
 
 
-def _check_names(names: list[str] | None, classes: Any) -> None:
-    if names is not None and classes is not None and len(classes) and max(int(c) for c in classes) >= len(names):
-        raise UsageError(f"--class-names gives {len(names)} names, but class {max(int(c) for c in classes)} "
-                         "is reconstructed")
-
-
 # ---------------------------------------------------------------------------
-# Figures
+# Output: the folder, the report, the figures
 # ---------------------------------------------------------------------------
 
 
-def _figures(rec: Any, out: Path, names: list[str] | None, probes: Sequence[int], labels: Sequence[str]) -> list[Path]:
-    """Templates and contribution maps per probe: ``templates_<label>.png``, ``contributions_<label>.png``."""
-    _use_agg()
-    import matplotlib.pyplot as plt
-
-    from . import plot
-
-    written = []
-    for n, label in zip(probes, labels):
-        for kind, draw in (("templates", plot.templates), ("contributions", plot.contributions)):
-            path = out / f"{kind}_{label}.png"
-            fig = draw(rec, probe=n, class_names=names, path=str(path))
-            plt.close(fig)
-            written.append(path)
-    return written
-
-
-def _use_agg() -> None:
-    import matplotlib
-
-    if matplotlib.get_backend().lower() != "agg":
-        with contextlib.suppress(Exception):
-            matplotlib.use("Agg")
-
-
-def _figure_probes(n_probes: int, chosen: Sequence[int] | None = None) -> list[int]:
-    if chosen is None:
-        return list(range(min(n_probes, MAX_FIGURE_PROBES)))
-    bad = [p for p in chosen if not 0 <= p < n_probes]
-    if bad:
-        raise UsageError(f"--probe {bad[0]} is out of range: the reconstruction has {n_probes} probe(s)")
-    return list(dict.fromkeys(chosen))
+def _out_dir(text: str | Path) -> Path:
+    """The output folder, created and checked writable (before any work is done)."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder: choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {out}: {e.strerror or e}; choose a writable --out") from e
+    return out
 
 
 def _write_report(report: Any, out: Path) -> list[Path]:
@@ -787,80 +403,55 @@ def _print_written(paths: Sequence[Path], out: Path) -> None:
         print(f"  {p}")
 
 
-def _out_dir(text: str | Path) -> Path:
-    """The output folder, created and checked writable (before any work is done)."""
-    out = Path(text)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder: choose a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write to the output folder {out}: {e.strerror or e}; choose a writable --out") from e
-    return out
+def _use_agg() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
 
-
-# ---------------------------------------------------------------------------
-# Commands
-# ---------------------------------------------------------------------------
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    import reconviz as rv
-
-    out = _out_dir(args.out)
-    start = time.perf_counter()
-    model, data = rv.models.digits()
-    y = torch.as_tensor(data.y_test)
-    labels = sorted({int(c) for c in y.tolist()})
-    picks = [int((y == c).nonzero()[0]) for c in labels]  # the first test digit of each class
-    x = torch.as_tensor(data.x_test[picks], dtype=torch.float64)
-    names = list(data.class_names)
-    print(f"reconviz demo: the bundled digits CNN ({sum(p.numel() for p in model.parameters())} parameters) "
-          f"reconstructed at the first test digit of each class ({len(picks)} probes, input {tuple(x.shape[1:])})\n")
-
-    rec = rv.reconstruct(model, x)
-    report = rv.verify(model, rec, class_names=names)
-    print(report)
-
-    _use_agg()
+    if matplotlib.get_backend().lower() != "agg":
+        with contextlib.suppress(Exception):
+            matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = [rec.save(out / REC_NAME), *_write_report(report, out)]
-    labels_text = [f"digit{names[c]}" for c in labels]
-    written += _figures(rec, out, names, range(len(picks)), labels_text)
+    return plt
 
-    saliency_path = out / "saliency.png"
-    fig = _saliency_figure(model, x, rec, names, [int(c) for c in labels])
-    fig.savefig(saliency_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    written.append(saliency_path)
 
-    fig = rv.plot.overview(model, x, rec, probe=0, class_names=names, path=str(out / "overview.png"))
-    plt.close(fig)
-    written.append(out / "overview.png")
-    fig = rv.plot.equivalence(report, path=str(out / "equivalence.png"))
-    plt.close(fig)
-    written.append(out / "equivalence.png")
+def _save(fig: Any, path: Path, **kw: Any) -> Path:
+    """Save (when ``kw`` says how; reconviz.plot functions save themselves) and close ``fig``."""
+    if kw:
+        fig.savefig(path, **kw)
+    _use_agg().close(fig)
+    return path
 
-    _print_written(written, out)
-    verdict = "PASS" if report.ok else "FAIL"
-    print(f"\n{verdict}: f(x) = W x + b reproduces all {rec.n_classes} logits at {rec.n_probes} digits "
-          f"(max relative error {report.max_rel_error:.1e}, tolerance {report.tolerance:g}) "
-          f"in {time.perf_counter() - start:.1f} s")
-    return EXIT_PASS if report.ok else EXIT_FAIL
+
+def _figures(rec: Any, out: Path, names: list[str] | None, probes: Sequence[int], labels: Sequence[str]) -> list[Path]:
+    """Templates and contribution maps per probe: ``templates_<label>.png``, ``contributions_<label>.png``."""
+    _use_agg()
+    from . import plot
+
+    written = []
+    for n, label in zip(probes, labels):
+        for kind, draw in (("templates", plot.templates), ("contributions", plot.contributions)):
+            path = out / f"{kind}_{label}.png"
+            written.append(_save(draw(rec, probe=n, class_names=names, path=str(path)), path))
+    return written
+
+
+def _figure_probes(n_probes: int, chosen: Sequence[int] | None = None) -> list[int]:
+    if chosen is None:
+        return list(range(min(n_probes, MAX_FIGURE_PROBES)))
+    bad = [p for p in chosen if not 0 <= p < n_probes]
+    if bad:
+        raise UsageError(f"--probe {bad[0]} is out of range: the reconstruction has {n_probes} probe(s)")
+    return list(dict.fromkeys(chosen))
 
 
 def _saliency_figure(model: Any, x: Any, rec: Any, names: list[str], targets: list[int]) -> Any:
     """Gradient saliency (Simonyan 2014) next to |W_c|: for a piecewise-linear net they are the same map."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from . import saliency
 
+    plt = _use_agg()
     maps = saliency.saliency_map(saliency.gradient(model, x, targets)).cpu().numpy()  # (N, H, W)
     w = rec.weight.detach().cpu().numpy()
     n = len(targets)
@@ -887,14 +478,48 @@ def _saliency_figure(model: Any, x: Any, rec: Any, names: list[str], targets: li
     return fig
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, args)
-    pre = preprocessing(args)
-    x = load_inputs(args.inputs, pre)
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import reconviz as rv
+
     out = _out_dir(args.out)
-    names = parse_class_names(args.class_names)
-    output = _output_selector(args.output)
-    classes = parse_classes(args.classes, lambda: model_logits(loaded, x, output, out))
+    start = time.perf_counter()
+    demo = load_digits()
+    model, x, names, labels = demo.model.module, demo.x, demo.class_names, demo.labels
+    print(f"reconviz demo: the bundled digits CNN ({sum(p.numel() for p in model.parameters())} parameters) "
+          f"reconstructed at the first test digit of each class ({len(labels)} probes, input {tuple(x.shape[1:])})\n")
+
+    rec = rv.reconstruct(model, x)
+    report = rv.verify(model, rec, class_names=names)
+    print(report)
+
+    written = [rec.save(out / REC_NAME), *_write_report(report, out)]
+    written += _figures(rec, out, names, range(len(labels)), [f"digit{names[c]}" for c in labels])
+    written += [
+        _save(_saliency_figure(model, x, rec, names, labels), out / "saliency.png", dpi=110, bbox_inches="tight"),
+        _save(rv.plot.overview(model, x, rec, probe=0, class_names=names, path=str(out / "overview.png")),
+              out / "overview.png"),
+        _save(rv.plot.equivalence(report, path=str(out / "equivalence.png")), out / "equivalence.png"),
+    ]
+    _print_written(written, out)
+    verdict = "PASS" if report.ok else "FAIL"
+    print(f"\n{verdict}: f(x) = W x + b reproduces all {rec.n_classes} logits at {rec.n_probes} digits "
+          f"(max relative error {report.max_rel_error:.1e}, tolerance {report.tolerance:g}) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return EXIT_PASS if report.ok else EXIT_FAIL
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    loaded = _model(args)
+    pre = preprocessing(args)
+    x = load_inputs(args.inputs, **pre)
+    out = _out_dir(args.out)
+    names = load_class_names(args.class_names)
+    classes = parse_classes(args.classes, lambda: loaded.logits(x, _output_selector(args.output), out))
     _check_names(names, classes)
 
     start = time.perf_counter()
@@ -927,17 +552,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     rec = load_reconstruction(args.rec)
-    loaded = load_model(args.model, args)
+    loaded = _model(args)
     out = _out_dir(args.out) if args.out else None
     x = None
     if args.inputs:
-        x = load_inputs(args.inputs, preprocessing(args, recorded_preprocessing(rec, args.rec)))
-    names = parse_class_names(args.class_names) or rec.meta.get("class_names")
+        x = load_inputs(args.inputs, **preprocessing(args, recorded_preprocessing(rec, args.rec)))
+    names = load_class_names(args.class_names) or rec.meta.get("class_names")
     _check_names(names, rec.classes.tolist())
-    workdir = out or Path(args.rec).resolve().parent
-    if loaded.kind == "torchscript" and out is None:
-        workdir = Path(tempfile.mkdtemp(prefix="reconviz-"))
-    report = _verify(loaded, rec, x, args, names, workdir, tolerance=args.tolerance)
+    report = _verify(loaded, rec, x, args, names, out, tolerance=args.tolerance)  # TorchScript: a temp folder
     where = "the stored probes" if x is None else f"{x.shape[0]} input(s)"
     print(f"verifying {args.rec} ({rec.n_probes} probe(s), {rec.n_classes} class(es), {rec.exactness}) "
           f"against the {loaded.describe()} {args.model} at {where}\n")
@@ -947,53 +569,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_PASS if report.ok else EXIT_FAIL
 
 
-def load_reconstruction(path_text: str) -> Any:
-    """Reconstruction.load (an InputError names the file and what is wrong with it)."""
-    from .reconstruction import Reconstruction
-
-    return Reconstruction.load(_existing_file(path_text, "reconstruction"))
-
-
-def _flag(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-_RECORDED: dict[str, Callable[[Any], bool]] = {  # preprocessing option -> test of its recorded value
-    "size": lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and _finite(n) and n >= 1
-                                                                  for n in v),
-    "grayscale": _flag, "rgb": _flag, "npy_batch": _flag,
-    "scale": lambda v: _finite(v) and v != 0,
-    "mean": lambda v: isinstance(v, list) and bool(v) and all(map(_finite, v)),
-    "std": lambda v: isinstance(v, list) and bool(v) and all(map(_finite, v)),
-}
-
-
-def recorded_preprocessing(rec: Any, path: str) -> dict:
-    """The preprocessing 'reconviz reconstruct' recorded in ``rec`` (UsageError when it is not valid)."""
-    pre = (rec.meta.get("cli") or {}).get("preprocess") or {}
-    bad = [k for k, ok in _RECORDED.items() if k in pre and not ok(pre[k])] if isinstance(pre, dict) else ["all"]
-    if bad:
-        raise UsageError(f"{path}: the recorded preprocessing is not valid ({', '.join(bad)}); re-create the "
-                         "reconstruction with 'reconviz reconstruct'")
-    return pre
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     rec = load_reconstruction(args.rec)
     out = _out_dir(args.out or Path(args.rec).resolve().parent)
-    names = parse_class_names(args.class_names) or rec.meta.get("class_names")
+    names = load_class_names(args.class_names) or rec.meta.get("class_names")
     _check_names(names, rec.classes.tolist())
     probes = _figure_probes(rec.n_probes, args.probe)
     print(rec)
     abs_err, rel_err = rec.errors()
     print(f"W x0 + b vs the stored logits: max abs {abs_err:.3e}, max rel {rel_err:.3e} "
           f"(tolerance {rec.tolerance:g})")
-    written = _figures(rec, out, names, probes, [f"probe{n}" for n in probes])
-    _print_written(written, out)
+    _print_written(_figures(rec, out, names, probes, [f"probe{n}" for n in probes]), out)
     return EXIT_PASS
 
 

@@ -91,6 +91,7 @@ class LinearizedModel(nn.Module):
         self.register_buffer("logits", found.logits)
         self.activation_bytes = found.activation_bytes
         self._graph = found.graph
+        self._tail = found.tail
 
     # facts ----------------------------------------------------------------
     @property
@@ -133,11 +134,11 @@ class LinearizedModel(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_graph"] = None  # the probe pass's graph is not copied (nor can it be)
+        state["_graph"] = state["_tail"] = None  # the probe pass's graph is not copied (nor can it be)
         return state
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LinearizedModel":
-        self._graph = None  # a moved or cast model no longer matches the kept graph
+        self._graph = self._tail = None  # a moved or cast model no longer matches the kept graph
         return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -149,8 +150,22 @@ class LinearizedModel(nn.Module):
         """The probe pass's (x0 leaf, g(x0) with its graph), once; None if not kept.
 
         Handing it over frees it here: a reverse-mode solve then owns (and frees) it."""
-        graph, self._graph = self._graph, None
+        graph, self._graph, self._tail = self._graph, None, None
         return graph
+
+    def head_cut(self) -> Tensor | None:
+        """The narrowest tensor h of the kept graph through which every path from the outputs
+        back to the input runs, made after the last gate: g = A h(x) + c with A constant (the
+        affine head; :mod:`reconviz.solve.head`). None without a kept graph or such a tensor."""
+        if self._graph is None or not self._tail:
+            return None
+        x, out = self._graph
+        n = self.n_probes
+        fresh = [t for t, version in self._tail if t._version == version and t.grad_fn is not None]
+        for h in sorted(fresh, key=lambda t: t.numel()):  # sorted() is stable: the earlier of equal widths
+            if h.numel() // n < out.shape[1] and _all_paths_through(h, out, x):
+                return h
+        return None
 
     # running --------------------------------------------------------------
     def model_at(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,6 +215,20 @@ class LinearizedModel(nn.Module):
         y = x.to(device=self.probes.device, dtype=self.dtype)
         # in-place gates must never write into the caller's tensor (nor into a grad leaf)
         return x.clone() if y is x else y
+
+
+def _all_paths_through(h: Tensor, out: Tensor, x: Tensor) -> bool:
+    """Every autograd path from ``out`` back to the leaf ``x`` passes through ``h``'s node."""
+    stop, stack, seen = h.grad_fn, [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node is stop or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is x:
+            return False
+        stack.extend(n for n, _ in node.next_functions)
+    return True
 
 
 def linearize(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import time
 import weakref
 from typing import Any
@@ -26,7 +28,8 @@ from .solve import (
     sample_size,
     solve_adjoint,
     solve_basis,
-    timed_bias,
+    solve_head,
+    timed_pass,
 )
 
 __all__ = ["reconstruct", "check_options", "checked"]
@@ -55,11 +58,18 @@ def reconstruct(
             activations, max pooling, and affine layers). Never modified: the
             work happens on a deep copy in eval mode. A :class:`LinearizedModel`
             from :func:`reconviz.linearize` is accepted too (then ``x`` may be None).
+            An ``onnx.ModelProto`` or the path of a ``.onnx`` file goes to
+            :func:`reconviz.onnx.reconstruct` (onnxruntime, float32) with ``classes``,
+            ``basis``, ``chunk_size``, ``seed``, ``max_memory``, ``out`` and
+            ``progress``; ``method`` must then be ``"auto"`` or ``"basis"``, ``dtype``
+            float64 (the default) or float32, ``output`` None and ``keep_hooks`` False
+            (InputError otherwise; ``rv.onnx.reconstruct(..., logits=...)`` selects a tensor).
         x: the probe batch (N, ...). Each probe gets its own W and b.
         classes: output indices to reconstruct (default: all outputs).
         method: ``"basis"`` (the paper's orthogonal-basis solve: one forward pass
-            per input element), ``"adjoint"`` (one backward pass per class), or
-            ``"auto"`` (the cheaper by the shapes).
+            per input element), ``"adjoint"`` (one backward pass per class),
+            ``"head"`` (W = A J through the affine head's narrowest cut, width P:
+            P backward passes instead of K), or ``"auto"`` (the cheapest by the shapes).
         basis: ``"identity"`` (one by one), ``"hadamard"``, ``"random"``, or a
             :class:`~reconviz.basis.Basis`; used by the basis method.
         dtype: working precision (float64 by default: tolerance 1e-9 relative).
@@ -91,13 +101,19 @@ def reconstruct(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if is_onnx_model(model):
+        _check_onnx_options(method, dtype, output, keep_hooks)
+        plugin = importlib.import_module(ONNX_PLUGIN)  # a plugin lookup by name: the core never imports it
+        return plugin.reconstruct(model, x, classes, basis, chunk_size, seed=seed, progress=progress,
+                                  max_memory=max_memory, out=out)
     check_options(basis, chunk_size)
     start = time.perf_counter()
     lin = as_linearized(model, x, dtype=dtype, output=output, keep_graph=method != "basis", keep_hooks=keep_hooks)
     probed = time.perf_counter()
     cls = resolve_classes(classes, lin.n_outputs, lin.probes.device)
     plan = plan_memory(lin, len(cls), max_memory, out)
-    b, pass_seconds = timed_bias(lin, cls)
+    far = affinity_far(lin.probes, seed)
+    g_far, pass_seconds = timed_pass(lin, far, cls)  # the affinity self-check's pass, timed for the solve
     decision: dict[str, Any] = {}
     if method == "auto":
         chosen = choose_method(lin, len(cls), seconds_per_pass=pass_seconds, work=plan.work_bytes, why=decision)
@@ -105,11 +121,13 @@ def reconstruct(
         chosen = method
     sink = WeightSink((lin.n_probes, len(cls), *lin.sample_shape), lin.dtype, lin.probes.device, plan)
     info: dict[str, Any] = {}
-    common = dict(plan=plan, sink=sink, info=info, b=b, pass_seconds=pass_seconds)
+    common = dict(plan=plan, sink=sink, info=info, pass_seconds=pass_seconds)
     if chosen == "basis":
         lin.take_graph()  # the probe pass's graph serves the adjoint solve only: free it
         bas = make_basis(basis, sample_size(lin), seed)
         w, b = solve_basis(lin, cls, bas, chunk_size, progress, **common)
+    elif chosen == "head":
+        w, b = solve_head(lin, cls, chunk_size, progress, **common)
     else:
         w, b = solve_adjoint(lin, cls, chunk_size, progress, **common)
     solved = time.perf_counter()
@@ -128,21 +146,52 @@ def reconstruct(
         meta=meta,
         mapped=sink.mapped,
     )
-    rec.meta["self_checks"] = [c.to_dict() for c in self_checks(lin, rec, seed)]
+    rec.meta["self_checks"] = [c.to_dict() for c in self_checks(lin, rec, seed, (far, g_far))]
     lin.take_graph()  # the probe pass's graph (if the solve left it) is not kept with the result
     rec.linearized = lin  # verify's certified radius reuses it instead of probing again
     lin.source = weakref.ref(model)  # ... for the same model only
     return checked(rec, start, probed, solved)
 
 
-def self_checks(lin: LinearizedModel, rec: Reconstruction, seed: int = 0) -> list[SelfCheck]:
+ONNX_PLUGIN = "reconviz.onnx"  # reconstructs ONNX models; imported by name when one is given
+
+
+def is_onnx_model(model: Any) -> bool:
+    """An ``onnx.ModelProto``, or a str / PathLike path ending in ``.onnx``."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model).lower().endswith(".onnx")
+    onnx = sys.modules.get("onnx")  # a ModelProto exists only once onnx is imported
+    return onnx is not None and isinstance(model, onnx.ModelProto)
+
+
+def _check_onnx_options(method: str, dtype: Any, output: Any, keep_hooks: bool) -> None:
+    """InputError for an option the ONNX path (basis method, float32 in onnxruntime) cannot honour."""
+    bad = [f"method={method!r}"] if method not in ("auto", "basis") else []
+    bad += [f"dtype={dtype}"] if dtype not in (torch.float32, torch.float64) else []
+    bad += ["output=..."] if output is not None else []
+    bad += ["keep_hooks=True"] if keep_hooks else []
+    if bad:
+        raise InputError(f"an ONNX model is reconstructed by the basis method in float32 (onnxruntime): "
+                         f"{', '.join(bad)} does not apply; use rv.onnx.reconstruct(model, x, logits=...) to "
+                         "select the logits tensor")
+
+
+def affinity_far(x0: Tensor, seed: int = 0) -> Tensor:
+    """The affinity self-check's point: x0 + AFFINITY_FAR * d, d random at the probe's scale."""
+    return x0 + AFFINITY_FAR * (affinity_point(x0, seed) - x0)
+
+
+def self_checks(lin: LinearizedModel, rec: Reconstruction, seed: int = 0,
+                far: tuple[Tensor, Tensor] | None = None) -> list[SelfCheck]:
     """The affinity and region self-checks of ``rec`` (see :mod:`reconviz.selfcheck`);
-    ExactnessError naming the one that fails. Two passes: g at the affinity point, and the
-    model at the region step (its gates' choices observed on the way)."""
-    x0 = lin.probes
-    x = x0 + AFFINITY_FAR * (affinity_point(x0, seed) - x0)
-    with torch.no_grad():
-        g = lin(x)[:, rec.classes]
+    ExactnessError naming the one that fails. Two passes: g at the affinity point (``far``:
+    that point and g there, when the caller ran it already), and the model at the region
+    step (its gates' choices observed on the way). The affinity check is the one that
+    guards an adjoint solve's b = f(x0) - W x0 (its point check at x0 holds by construction)."""
+    if far is None:
+        x = affinity_far(lin.probes, seed)
+        far = x, timed_pass(lin, x, rec.classes)[0]
+    x, g = far
     checks = [compare_outputs("affinity", rec(x), g, rec.tolerance,
                               f"g(x) vs W x + b at x = x0 + {AFFINITY_FAR:g} d, d random at the probe's "
                               "scale: far out, where a kink reconviz missed would show")]

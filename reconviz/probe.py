@@ -29,7 +29,7 @@ from .ops.registry import NO_GRAD_ADVICE
 from .ops.base import op_name, tensors_in
 from .ops.gates import Call, Gate, Prior, gate_for, gate_named
 
-__all__ = ["Probe", "probe", "record", "Recording", "check_dtype", "check_model", "eval_copy", "working_copy", "select_output", "check_probe_input"]
+__all__ = ["Probe", "probe", "record", "Recording", "check_dtype", "check_model", "eval_copy", "select_output", "check_probe_input"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
@@ -64,13 +64,15 @@ def check_model(model: Any) -> nn.Module:
 
 
 def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, stacklevel: int = 3,
-              keep_hooks: bool = False) -> nn.Module:
+              keep_hooks: bool = False, track_paths: bool = False) -> nn.Module:
     """A deep copy of ``model`` in eval mode, in ``dtype`` on ``device``, with frozen parameters.
 
     The user's model is only read (``copy.deepcopy``). Warns with
     :class:`TrainingModeWarning` when it, or any submodule, is in training mode.
     The copy carries none of the model's forward and backward hooks (a hook that
     writes into the user's objects would change them), unless ``keep_hooks``.
+    ``track_paths``: the copy keeps a stack of the module paths it is in (the gate
+    modes name them in their messages).
     Every entry point of reconviz (reconstruction, verification, the saliency
     methods and the metrics) works on such a copy.
     """
@@ -100,6 +102,8 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
         ) from e
     for p in work.parameters():
         p.requires_grad_(False)
+    if track_paths:
+        _install_tracker(work)
     return work
 
 
@@ -150,17 +154,6 @@ def _as_parameter(original: nn.Parameter, cast: Tensor) -> nn.Parameter:
         return type(original)(cast, requires_grad=False)
     except TypeError:
         return nn.Parameter(cast, requires_grad=False)
-
-
-def working_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *,
-                 keep_hooks: bool = False) -> nn.Module:
-    """:func:`eval_copy` plus the module-path tracker the gate modes use in their messages.
-
-    Warns with :class:`TrainingModeWarning` when the user's model is in training mode.
-    """
-    work = eval_copy(model, dtype, device, stacklevel=4, keep_hooks=keep_hooks)
-    _install_tracker(work)
-    return work
 
 
 def _install_tracker(work: nn.Module) -> None:
@@ -229,21 +222,35 @@ class RecordMode(GateMode):
 
     Input dependence is read from ``requires_grad``: only the probe input requires grad."""
 
-    def __init__(self, work: nn.Module, n: int):
+    def __init__(self, work: nn.Module, n: int, keep_tail: bool = False):
         super().__init__(work)
         self.n = n
         self.priors: list[Prior] = []
         self.activation_bytes = 0  # bytes of all op outputs: a footprint estimate
         self._seen: set[Any] = set()
+        self.tail: list[tuple[Tensor, int]] | None = [] if keep_tail else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.check_inputs(func, (args, kwargs), current_path(self.work))
         out = super().__torch_function__(func, types, args, kwargs)
-        for t in tensors_in(out):
+        outs = list(tensors_in(out))
+        for t in outs:
             self.activation_bytes += t.numel() * t.element_size()
         self.saw(out, args[:1])  # the outputs, and a tensor an in-place call wrote into
+        self._keep_tail(func, outs)
         return out
+
+    def _keep_tail(self, func: Callable, outs: list[Tensor]) -> None:
+        """Remember the input-dependent, batched, single outputs made since the last gate (with
+        their versions): the affine tail's candidate cuts (:meth:`LinearizedModel.head_cut`)."""
+        if self.tail is None:
+            return
+        if gate_for(func) is not None and any(t.requires_grad for t in outs):
+            self.tail.clear()  # an input-dependent gate: the tail starts at its output
+        if len(outs) == 1 and outs[0].requires_grad and outs[0].dim() > 0 and outs[0].shape[0] == self.n:
+            self.tail.append((outs[0], outs[0]._version))
+            del self.tail[:-TAIL_KEPT]
 
     def saw(self, *objs: Any) -> None:
         """Remember the autograd nodes of input-dependent tensors a seen call produced."""
@@ -311,6 +318,8 @@ class RecordMode(GateMode):
         )
 
 
+TAIL_KEPT = 64  # candidate cuts kept from the affine tail (the last ones)
+
 # autograd nodes that stand for a view of a tensor modified in place (regenerated lazily)
 _VIEW_REGENERATION = {"AsStridedBackward0", "AsStridedBackward1", "CopySlices"}
 
@@ -357,6 +366,9 @@ class Probe:
     # (x0 as a grad leaf, the selected outputs g(x0) with their graph): the probe pass was
     # g's forward pass (every gate records frozen), kept for a reverse-mode solve
     graph: tuple[Tensor, Tensor] | None = None
+    # tensors of that graph made after the last gate (with their versions at the time): where
+    # the affine head may be cut (kept with the graph only)
+    tail: list[tuple[Tensor, int]] | None = None
 
     @property
     def ties(self) -> int:
@@ -435,12 +447,14 @@ def probe(
     ``keep_hooks``: run the model's own forward hooks on the copy (default: left off)."""
     x = check_probe_input(x)
     check_dtype(dtype)
-    work = working_copy(model, dtype, x.device, keep_hooks=keep_hooks)
+    work = eval_copy(model, dtype, x.device, keep_hooks=keep_hooks, track_paths=True)
     xw = x.to(dtype)
-    rec = record(work, xw, output)
+    rec = record(work, xw, output, keep_tail=keep_graph)
     frozen = all(gate_named(p.gate).records_frozen for p in rec.priors if not p.constant)
-    graph = (rec.x, rec.outputs) if keep_graph and frozen and rec.outputs.requires_grad else None
-    return Probe(work, xw, rec.priors, rec.outputs.detach(), output, rec.activation_bytes, graph)
+    kept = keep_graph and frozen and rec.outputs.requires_grad
+    graph = (rec.x, rec.outputs) if kept else None
+    return Probe(work, xw, rec.priors, rec.outputs.detach(), output, rec.activation_bytes, graph,
+                 rec.tail if kept else None)
 
 
 @dataclass
@@ -451,12 +465,14 @@ class Recording:
     outputs: Tensor
     priors: list[Prior]
     activation_bytes: int
+    tail: list[tuple[Tensor, int]] | None = None  # the affine tail's tensors (keep_tail)
 
 
-def record(work: nn.Module, x: Tensor, output: OutputSelector) -> Recording:
+def record(work: nn.Module, x: Tensor, output: OutputSelector, keep_tail: bool = False) -> Recording:
     """Run the working copy once at ``x`` under :class:`RecordMode` (every call classified,
-    every gate's prior recorded; the output selector runs under the mode too)."""
-    mode = RecordMode(work, n=x.shape[0])
+    every gate's prior recorded; the output selector runs under the mode too). ``keep_tail``:
+    keep the tensors made after the last gate (:attr:`RecordMode.tail`)."""
+    mode = RecordMode(work, n=x.shape[0], keep_tail=keep_tail)
     with _probe_grad(x) as xg, warnings.catch_warnings():
         # the probe input requires grad (to detect input-dependent products); that is ours
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
@@ -475,7 +491,7 @@ def record(work: nn.Module, x: Tensor, output: OutputSelector) -> Recording:
             ) from e
         finally:
             work._reconviz_stack.clear()  # type: ignore[attr-defined]
-    return Recording(xg, selected, mode.priors, mode.activation_bytes)
+    return Recording(xg, selected, mode.priors, mode.activation_bytes, mode.tail)
 
 
 # what a model's own forward raises on an input it cannot take (not reconviz's errors)

@@ -162,7 +162,7 @@ class FrozenOp:
     """What the probe froze at one place of the network: ``count`` gated calls of ``op``
     (e.g. ``relu``, ``max_pool2d``; ONNX: the op type, ``Relu``) at ``location`` (the
     module path on the PyTorch path, ``""`` for the top module; the node name on the
-    ONNX path), frozen by the gate ``gate`` (a :data:`reconviz.GATES` name)."""
+    ONNX path), frozen by the gate ``gate`` (a name from :func:`reconviz.registered_gates`)."""
 
     op: str
     location: str

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .linearize import LinearizedModel
-from .probe import OutputSelector, check_probe_input, select_output, working_copy
+from .probe import OutputSelector, check_probe_input, select_output, eval_copy
 from .radius import Radius, certified_radius
 from .reconstruction import Reconstruction, relative_error
 from .selfcheck import SelfCheck
@@ -244,7 +244,7 @@ def verify(
     dtype = rec.weight.dtype
     output = output if output is not None else rec.meta.get("output")
     x = rec.probes if x is None else rec.check_input(check_probe_input(x)).to(dtype)
-    work = working_copy(model, dtype, rec.probes.device)
+    work = eval_copy(model, dtype, rec.probes.device, track_paths=True)
     with torch.no_grad():
         original = class_columns(run_model(work, x, output), rec.classes)
     rebuilt = rec(x)

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/archs.py importable as `archs`
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-# generated-architecture counts reported at the end of the run (see test_property.py):
+# generated-architecture counts reported at the end of the run (see engine/test_generated_architectures.py):
 # test name -> a line such as "312 generated architectures tried (298 distinct, ...)"
 GENERATED: dict[str, str] = {}
 

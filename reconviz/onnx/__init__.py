@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..export import reconstruction_graph, reconstruction_to_onnx
 from . import verify as _verify  # noqa: F401  (registers the "onnxruntime" and "both" verify backends)
 from .export import export_torch
-from .gates import ONNX_GATES, Frozen, OnnxGate
+from .gates import NodePrior, OnnxGate, gate_for, gate_types
 from .graph import AFFINE, UnsupportedGraphError
 from .linearize import LinearizedGraph, linearize, linearized_to_onnx
 from .runtime import run_model
@@ -30,6 +30,7 @@ from .verify import ORIGINAL_ORT, RECONSTRUCTED_ORT, OnnxRuntime, onnxruntime_co
 
 __all__ = [
     "reconstruct", "linearize", "linearized_to_onnx", "LinearizedGraph", "reconstruction_to_onnx",
-    "reconstruction_graph", "export_torch", "run_model", "OnnxRuntime", "onnxruntime_columns", "UnsupportedGraphError", "ONNX_GATES",
-    "OnnxGate", "Frozen", "AFFINE", "ORIGINAL_ORT", "RECONSTRUCTED_ORT",
+    "reconstruction_graph", "export_torch", "run_model", "OnnxRuntime", "onnxruntime_columns",
+    "UnsupportedGraphError", "gate_for", "gate_types", "OnnxGate", "NodePrior", "AFFINE", "ORIGINAL_ORT",
+    "RECONSTRUCTED_ORT",
 ]

@@ -4,7 +4,7 @@
   one onnxruntime batch) must equal ``W x + b``.
 * **region** (region-exact results): the *original* graph at x0 + eps e, for the largest
   eps in :data:`REGION_STEPS` at which every gate makes the probe's choice (re-probed and
-  compared, :meth:`OnnxGate.pattern`), must equal ``W x + b``. The direction e is d
+  compared, :meth:`NodePrior.pattern`), must equal ``W x + b``. The direction e is d
   scaled by |x0| / rms(x0) entry by entry (:func:`region_direction`): entries where the
   probe is 0 (an image's background, padding) stay 0, so pooling windows that tie on them
   keep tying. With d itself, on the digits CNN (16 test digits, 1,366 tied max-pool
@@ -38,7 +38,6 @@ from torch import Tensor
 
 from ..reconstruction import Reconstruction
 from ..selfcheck import SelfCheck, affinity_point, compare_outputs, raise_if_failed
-from .gates import gate_for
 from .linearize import LinearizedGraph
 from .probe import probe
 
@@ -119,8 +118,7 @@ def original_at(lin: LinearizedGraph, x: Tensor) -> tuple[Tensor, np.ndarray]:
     k = x.shape[0] // lin.n_probes
     inside = np.ones(x.shape[0], dtype=bool)
     for base, new in zip(lin.priors, (found.priors[i] for i in lin.prepared.gated)):
-        gate = gate_for(base.op)
-        inside &= (np.tile(gate.pattern(base), (k, 1)) == gate.pattern(new)).all(axis=1)
+        inside &= (np.tile(base.pattern(), (k, 1)) == new.pattern()).all(axis=1)
     return torch.from_numpy(found.logits).double(), inside
 
 

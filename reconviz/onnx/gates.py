@@ -1,34 +1,37 @@
-"""The ONNX gate registry: the one place that knows every input-dependent ONNX op.
+"""ONNX gates: the torch gates of :mod:`reconviz.ops.gates` run on ONNX nodes.
 
-The ONNX counterpart of :mod:`reconviz.gates`. Each gate knows how to
+There is one gate registry (:func:`reconviz.ops.gates.gate_for_onnx`): a gate
+class owns its torch matching, its ONNX matching (``onnx_ops``, ``onnx_params``)
+and its frozen math, written once in torch. This module holds only what is
+ONNX-specific, by kind of gate rather than by op:
 
-* ``check`` a node (its parameters must be constants reconviz can read),
-* name the tensors the probe run must return (``taps``; MaxPool also gets its
-  optional Indices output),
-* ``record`` the prior from those tensors at the probe,
-* ``rewrite`` the node with the prior frozen, as plain ONNX nodes and
+* which tensors the probe run returns (``taps``; MaxPool also gets its optional
+  Indices output),
+* ``record``: the prior from those tensors, computed by the torch gate
+  (elementwise: :meth:`~reconviz.ops.gates.ElementwiseGate.prior_at` on the
+  tapped tensor; MaxPool: its Indices, ties by
+  :meth:`~reconviz.ops.gates.MaxPoolGate.pairwise_ties`),
+* ``rewrite``: the node with the prior frozen, as plain ONNX nodes and
   initializers, affine in the gated tensor.
 
 Frozen forms (D the recorded slope, C the recorded offset, probe n of N)::
 
-    Relu(z)               ->  D * z               D = 1[z > 0]
-    ThresholdedRelu(z; a) ->  D * z               D = 1[z > a]   (alpha a, default 1.0)
-    Clip(z, lo, hi)       ->  D * z + C           D = 1[lo < z < hi], C = lo 1[z <= lo] + hi 1[z >= hi]
-    LeakyRelu(z; a)       ->  D * z               D = 1 if z > 0 else a
-    PRelu(z, a)           ->  D * z               D = 1 if z > 0 else a (broadcast)
+    elementwise (Relu, ThresholdedRelu, Clip, LeakyRelu, PRelu, and any registered
+    gate whose onnx_ops name the node's type)   ->  D * z + C     (Mul, Add)
     MaxPool(z)            ->  Gather(z, switches)  the recorded flat arg-max (MaxPool's Indices)
     ReduceMax(z, axes)    ->  Gather(z, switches)  the arg-max over the reduced axes (not the batch axis)
     GlobalMaxPool(z)      ->  Gather(z, switches)  the arg-max over each channel (ReduceMax over 2, 3, ...)
 
+ReduceMax and GlobalMaxPool are the only ONNX-only gates (:data:`SWITCH_GATES`):
+no torch gate freezes a max over whole axes, so their arg-max is taken here.
+
 A batch of B = r * N inputs uses probe ``i % N``'s prior for input ``i``: the
 gated tensor is viewed as (r, N, ...) and multiplied by the (N, ...) prior
-(batch-broadcast), or gathered from the (r, N * size) view. Adding an op =
-adding one class here and listing it in :data:`ONNX_GATES`.
+(batch-broadcast), or gathered from the (r, N * size) view.
 
-Every gate here is piecewise linear (``region_exact``): its frozen form equals
-the op on the probe's whole linear region, so the reconstruction is
-region-exact. A gate frozen at a point only (a smooth one) would set
-``region_exact = False``, and the result would be labelled point-exact.
+A gate's ``region_exact`` is the torch gate's: a piecewise-linear gate's frozen
+form equals the op on the probe's whole linear region (region-exact); a smooth
+gate frozen at a point labels the result point-exact.
 """
 
 from __future__ import annotations
@@ -41,17 +44,19 @@ import numpy as np
 import torch
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from ..gates import gate_named
+from ..errors import UnsupportedOperationError
+from ..ops.gates import ElementwiseGate, Gate, MaxPoolGate, gate_for_onnx, registered_gates
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import GraphInfo
 
-__all__ = ["Frozen", "OnnxGate", "ONNX_GATES", "gate_for"]
+__all__ = ["NodePrior", "OnnxNode", "OnnxGate", "SWITCH_GATES", "gate_for", "gate_types"]
 
 
 @dataclass
-class Frozen:
-    """The prior of one gated node at the probe."""
+class NodePrior:
+    """The prior of one gated ONNX node at the probe: the ONNX path's :class:`reconviz.Prior`
+    (its tensors as numpy arrays, for the rewritten graph's initializers)."""
 
     node: str  # node name (or a generated one)
     op: str  # ONNX op type
@@ -59,10 +64,24 @@ class Frozen:
     shape: tuple[int, ...]  # shape of the gated tensor at the probe (N, ...)
     tensors: dict[str, np.ndarray]
     ties: int = 0  # units exactly on a breakpoint, or pooling windows whose max is not unique
+    region_exact: bool = True  # the gate's label when it was frozen
+
+    def pattern(self) -> np.ndarray:
+        """Each probe's choice as one row (N, -1): equal rows, same linear piece (comparable
+        between runs of any batch size). Switches: the index within each sample."""
+        n = self.shape[0]
+        if "index" in self.tensors:
+            return self.tensors["index"].reshape(n, -1) - np.arange(n)[:, None] * math.prod(self.shape[1:])
+        slope = self.tensors["slope"]
+        offset = self.tensors.get("offset", np.zeros_like(slope))
+        return np.concatenate([slope.reshape(n, -1), offset.reshape(n, -1)], axis=1)
 
 
-class GateError(Exception):
-    """A gate node whose parameters reconviz cannot read (internal; becomes a listed problem)."""
+class GateError(UnsupportedOperationError):
+    """A gate node reconviz cannot freeze (internal: becomes one of UnsupportedGraphError's nodes)."""
+
+    def __init__(self, why: str):
+        super().__init__("", "", why)
 
 
 def _attr(node: NodeProto, name: str, default: Any = None) -> Any:
@@ -72,160 +91,103 @@ def _attr(node: NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
-def _const_input(node: NodeProto, i: int, g: "GraphInfo", what: str) -> np.ndarray | None:
-    """The constant value of optional input i (None when absent)."""
-    if len(node.input) <= i or not node.input[i]:
-        return None
-    if node.input[i] not in g.consts:
-        raise GateError(f"its {what} ('{node.input[i]}') is not a constant (initializer or Constant node)")
-    return np.asarray(g.consts[node.input[i]], dtype=np.float64)
+class OnnxNode:
+    """An ONNX node as a torch gate's ``onnx_params`` reads it: attributes and constant inputs."""
+
+    def __init__(self, node: NodeProto, consts: dict[str, np.ndarray]):
+        self.proto, self.consts = node, consts
+        self.op_type, self.name = node.op_type, node.name
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        """Attribute ``name`` (ints, floats, lists, ...), or ``default`` when absent."""
+        return _attr(self.proto, name, default)
+
+    def const(self, i: int, what: str) -> np.ndarray | None:
+        """A copy of the constant value of optional input i (None when absent; GateError when not
+        constant)."""
+        node = self.proto
+        if len(node.input) <= i or not node.input[i]:
+            return None
+        if node.input[i] not in self.consts:
+            raise GateError(f"its {what} ('{node.input[i]}') is not a constant (initializer or Constant node)")
+        return np.array(self.consts[node.input[i]])
 
 
 class OnnxGate:
-    """Base class: one subclass per gated ONNX op type."""
+    """How one kind of gate runs on ONNX nodes. ``gate``: the torch gate whose math it runs
+    (None for the ONNX-only :data:`SWITCH_GATES`)."""
 
-    op_type: str = ""
     name: str = ""
-    region_exact: bool = True  # piecewise linear: the frozen form holds on the probe's whole region
+    region_exact: bool = True
+
+    def __init__(self, gate: Gate | None = None):
+        self.gate = gate
+        if gate is not None:
+            self.name, self.region_exact = gate.name, gate.region_exact
 
     def params(self, node: NodeProto, g: "GraphInfo") -> dict[str, Any]:
-        return {}
+        """The torch gate's params for this node (its ``onnx_params``)."""
+        try:
+            return self.gate.onnx_params(OnnxNode(node, g.consts))
+        except NotImplementedError as e:
+            raise GateError(f"gate {self.name!r} lists {node.op_type} in its onnx_ops but defines no "
+                            "onnx_params") from e
 
     def check(self, node: NodeProto, g: "GraphInfo") -> str | None:
         """Why the node cannot be frozen, or None."""
         try:
             self.params(node, g)
-        except GateError as e:
-            return str(e)
+        except UnsupportedOperationError as e:
+            return e.advice
         return None
 
     def taps(self, node: NodeProto, uid: str) -> list[str]:
         """Tensors the probe run returns for this node (may add an optional output to ``node``)."""
         return [node.input[0]]
 
-    def record(self, node: NodeProto, values: dict[str, np.ndarray], g: "GraphInfo", uid: str) -> Frozen:
+    def index_taps(self, node: NodeProto) -> list[str]:
+        """Which of :meth:`taps` are int64 (indices)."""
+        return []
+
+    def record(self, node: NodeProto, values: dict[str, np.ndarray], g: "GraphInfo", uid: str) -> NodePrior:
         raise NotImplementedError
 
-    def rewrite(self, node: NodeProto, prior: Frozen, uid: str) -> tuple[list[NodeProto], list[TensorProto]]:
+    def rewrite(self, node: NodeProto, prior: NodePrior, uid: str) -> tuple[list[NodeProto], list[TensorProto]]:
         """Nodes and initializers that compute ``node.output[0]`` with the prior frozen."""
         raise NotImplementedError
 
-    def pattern(self, prior: Frozen) -> np.ndarray:
-        """Each probe's choice as one row (N, -1): equal rows, same linear piece (comparable
-        between runs of any batch size)."""
-        raise NotImplementedError
+    def frozen(self, node: NodeProto, uid: str, z: np.ndarray, tensors: dict[str, np.ndarray], ties: int) -> NodePrior:
+        return NodePrior(node.name or uid, node.op_type, self.name, tuple(z.shape), tensors, ties, self.region_exact)
 
 
 # --------------------------------------------------------------------------
-# Elementwise gates: phi(z) -> D * z + C
+# Elementwise gates: phi(z) -> D * z + C, the torch gate's prior_at on the tapped z
 # --------------------------------------------------------------------------
 
 
-class ElementwiseGate(OnnxGate):
-    def slope_offset(self, z: np.ndarray, p: dict) -> tuple[np.ndarray, np.ndarray | None]:
-        raise NotImplementedError
-
-    def breakpoints(self, p: dict) -> list[np.ndarray]:
-        return [np.zeros(())]
+class Elementwise(OnnxGate):
+    """An :class:`~reconviz.ops.gates.ElementwiseGate` on a node: D, C and the ties are the
+    torch gate's :meth:`~reconviz.ops.gates.ElementwiseGate.prior_at` of the tapped z."""
 
     def record(self, node, values, g, uid):
         z = values[node.input[0]]
-        p = self.params(node, g)
-        slope, offset = self.slope_offset(z, p)
-        tensors = {"slope": np.ascontiguousarray(slope, dtype=np.float32)}
-        if offset is not None and np.any(offset):
-            tensors["offset"] = np.ascontiguousarray(offset, dtype=np.float32)
-        ties = int(sum(np.count_nonzero(z == np.float32(b)) for b in self.breakpoints(p)))
-        return Frozen(node.name or uid, node.op_type, self.name, tuple(z.shape), tensors, ties)
+        tensors, ties = self.gate.prior_at(torch.from_numpy(z), self.params(node, g))
+        arrays = {k: np.ascontiguousarray(v.numpy()) for k, v in tensors.items()}
+        if "offset" in arrays and not arrays["offset"].any():
+            del arrays["offset"]  # C = 0: a Mul alone
+        return self.frozen(node, uid, z, arrays, int(ties))
 
     def rewrite(self, node, prior, uid):
         return per_probe_affine(node.input[0], node.output[0], prior.tensors["slope"],
                                 prior.tensors.get("offset"), uid)
 
-    def pattern(self, prior):
-        slope = prior.tensors["slope"]
-        offset = prior.tensors.get("offset", np.zeros_like(slope))
-        return np.concatenate([slope.reshape(len(slope), -1), offset.reshape(len(slope), -1)], axis=1)
 
+class NoOnnxForm(OnnxGate):
+    """A registered gate with ``onnx_ops`` that is neither elementwise nor max pooling."""
 
-class ThresholdedRelu(ElementwiseGate):
-    """ThresholdedRelu(z; alpha) = z if z > alpha else 0 (alpha default 1.0): torch's
-    F.threshold(z, alpha, 0)."""
-
-    op_type, name = "ThresholdedRelu", "threshold"
-
-    def params(self, node, g):
-        return {"alpha": np.float32(_attr(node, "alpha", 1.0))}
-
-    def slope_offset(self, z, p):
-        return z > p["alpha"], None
-
-    def breakpoints(self, p):
-        return [p["alpha"]]
-
-
-class Relu(ThresholdedRelu):
-    """Relu(z): ThresholdedRelu with alpha = 0."""
-
-    op_type, name = "Relu", "relu"
-
-    def params(self, node, g):
-        return {"alpha": np.float32(0)}
-
-
-class Clip(ElementwiseGate):
-    """Clip(z, lo, hi): bounds from inputs 1, 2 (opset >= 11) or attributes min, max (older)."""
-
-    op_type, name = "Clip", "clamp"
-
-    def params(self, node, g):
-        lo = _const_input(node, 1, g, "min")
-        hi = _const_input(node, 2, g, "max")
-        lo = lo if lo is not None else _attr(node, "min")
-        hi = hi if hi is not None else _attr(node, "max")
-        return {"lo": None if lo is None else np.float32(lo), "hi": None if hi is None else np.float32(hi)}
-
-    def slope_offset(self, z, p):
-        lo, hi = p["lo"], p["hi"]
-        inside = np.ones(z.shape, dtype=bool)
-        offset = np.zeros(z.shape, dtype=np.float32)
-        if lo is not None:
-            inside &= z > lo
-            offset = np.where(z <= lo, lo, offset)
-        if hi is not None:
-            inside &= z < hi
-            offset = np.where(z >= hi, hi, offset)
-        return inside, offset
-
-    def breakpoints(self, p):
-        return [b for b in (p["lo"], p["hi"]) if b is not None]
-
-
-class LeakyRelu(ElementwiseGate):
-    op_type, name = "LeakyRelu", "leaky_relu"
-
-    def params(self, node, g):
-        return {"a": np.float32(_attr(node, "alpha", 0.01))}
-
-    def slope_offset(self, z, p):
-        return np.where(z > 0, np.float32(1), p["a"]), None
-
-
-class PRelu(ElementwiseGate):
-    op_type, name = "PRelu", "prelu"
-
-    def params(self, node, g):
-        a = _const_input(node, 1, g, "slope")
-        if a is None:
-            raise GateError("it has no slope input")
-        return {"a": a.astype(np.float32)}
-
-    def slope_offset(self, z, p):
-        try:
-            a = np.broadcast_to(p["a"], z.shape)
-        except ValueError as e:
-            raise GateError(f"its slope of shape {p['a'].shape} does not broadcast to {z.shape}") from e
-        return np.where(z > 0, np.float32(1), a), None
+    def check(self, node, g):
+        return (f"gate {self.name!r} ({type(self.gate).__name__}) lists {node.op_type} in its onnx_ops, but "
+                "reconviz.onnx freezes only elementwise gates (ElementwiseGate) and max pooling (MaxPoolGate)")
 
 
 # --------------------------------------------------------------------------
@@ -242,24 +204,17 @@ class SwitchGate(OnnxGate):
         return per_probe_gather(node.input[0], node.output[0], prior.shape, prior.tensors["index"],
                                 tuple(prior.tensors["out_shape"][1:]), uid)
 
-    def pattern(self, prior):
-        n, size = prior.shape[0], math.prod(prior.shape[1:])
-        return prior.tensors["index"].reshape(n, -1) - np.arange(n)[:, None] * size  # within each sample
-
 
 class MaxPool(SwitchGate):
-    """MaxPool (any kernel, strides, pads, dilations, ceil_mode). The prior is its optional
+    """MaxPool (any kernel, strides, pads, auto_pad, dilations, ceil_mode) with the torch
+    :class:`~reconviz.ops.gates.MaxPoolGate`'s windows. The prior is the node's optional
     Indices output: flat over the whole (N, C, *spatial) input, exactly the position in
     the (N * C * prod spatial) view of one group of N samples, so one Gather does it."""
 
-    op_type, name = "MaxPool", "max_pool"
-
     def params(self, node, g):
-        if _attr(node, "storage_order", 0) != 0:
-            raise GateError("storage_order=1 (column-major indices) is not supported")
         if len(node.output) > 1 and node.output[1] and node.output[1] in g.used:
             raise GateError("its Indices output is used by other nodes (e.g. MaxUnpool)")
-        return {}
+        return super().params(node, g)
 
     def taps(self, node, uid):
         if len(node.output) < 2 or not node.output[1]:
@@ -267,60 +222,54 @@ class MaxPool(SwitchGate):
             node.output.append(f"{uid}/indices")
         return [node.input[0], node.output[1], node.output[0]]
 
+    def index_taps(self, node):
+        return [node.output[1]]
+
     def record(self, node, values, g, uid):
         z, idx, y = values[node.input[0]], values[node.output[1]], values[node.output[0]]
-        return Frozen(node.name or uid, node.op_type, self.name, tuple(z.shape),
-                      {"index": idx.astype(np.int64), "out_shape": np.array(y.shape, dtype=np.int64)},
-                      window_ties(z, idx, y, *pool_geometry(node, z.shape, y.shape)))
+        space = tuple(z.shape[2:])
+        p = self.params(node, g)
+        p.update(padding=leading_pads(node, p, space, tuple(y.shape[2:])), in_spatial=space)
+        switch = idx % math.prod(space)  # (N, C, *out spatial), flat within each (sample, channel)
+        ties = self.gate.pairwise_ties(torch.from_numpy(z), torch.from_numpy(switch), p)
+        return self.frozen(node, uid, z, {"index": idx.astype(np.int64),
+                                          "out_shape": np.array(y.shape, dtype=np.int64)}, ties)
 
 
-def pool_geometry(node: NodeProto, z_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> tuple[list[int], ...]:
-    """(kernel, strides, leading pads, dilations) of a MaxPool node, per spatial axis.
+def leading_pads(node: NodeProto, p: dict, space: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, ...]:
+    """The pad before each spatial axis of a MaxPool node with the gate's params ``p``
+    (its ``pads``), after ``auto_pad``; ``space``, ``out``: the input's, the output's spatial shape.
 
     Window o of axis d covers input positions o * stride - pad + j * dilation, j < kernel
-    (ceil_mode only adds windows, and they are in ``y_shape``); ``auto_pad`` SAME_* pads
+    (ceil_mode only adds windows, and they are in ``out``); ``auto_pad`` SAME_* pads
     (out - 1) * stride + (kernel - 1) * dilation + 1 - in in all, the odd one at the end
     (SAME_UPPER) or the start (SAME_LOWER)."""
-    k = len(z_shape) - 2
-    kernel = list(_attr(node, "kernel_shape"))
-    strides = list(_attr(node, "strides", [1] * k))
-    dilations = list(_attr(node, "dilations", [1] * k))
     auto = _attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        total = [max(0, (o - 1) * s + (w - 1) * d + 1 - i)
-                 for o, s, w, d, i in zip(y_shape[2:], strides, kernel, dilations, z_shape[2:])]
-        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
-    else:
-        begin = list(_attr(node, "pads", [0] * 2 * k))[:k] if auto != "VALID" else [0] * k
-    return kernel, strides, begin, dilations
-
-
-def window_ties(z: np.ndarray, idx: np.ndarray, y: np.ndarray, kernel: list[int], strides: list[int],
-                begin: list[int], dilations: list[int]) -> int:
-    """Windows in which a member other than the switch equals the max, counted by the torch
-    path's pairwise rule (:meth:`reconviz.gates.MaxPoolGate.pairwise_ties`). ``idx`` is
-    MaxPool's Indices, flat over the whole (N, C, *spatial) z."""
-    space = tuple(z.shape[2:])
-    switch = idx % math.prod(space)  # (N, C, *out spatial), flat within each (sample, channel)
-    p = {"k": len(space), "adaptive": False, "kernel_size": tuple(kernel), "stride": tuple(strides),
-         "padding": tuple(begin), "dilation": tuple(dilations), "in_spatial": space}
-    return gate_named("max_pool").pairwise_ties(torch.from_numpy(z), torch.from_numpy(switch), p)
+    if auto == "VALID":
+        return (0,) * len(space)
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        return p["padding"]
+    total = [max(0, (o - 1) * s + (w - 1) * d + 1 - i)
+             for o, s, w, d, i in zip(out, p["stride"], p["kernel_size"], p["dilation"], space)]
+    return tuple(t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total)
 
 
 class ReduceMax(SwitchGate):
     """ReduceMax(z, axes; keepdims): the arg-max over the reduced axes, which must leave the
     batch axis alone (the torch.export-based exporter writes it for adaptive_max_pool(z, 1)
-    and amax). Axes come from input 1 (opset >= 18) or the ``axes`` attribute."""
+    and amax). Axes come from input 1 (opset >= 18) or the ``axes`` attribute. ONNX-only:
+    no torch gate freezes a max over whole axes."""
 
-    op_type, name = "ReduceMax", "max_pool"
+    name = "max_pool"
 
     def params(self, node, g):
-        axes = _const_input(node, 1, g, "axes")
-        axes = _attr(node, "axes", []) if axes is None else axes.astype(np.int64).reshape(-1).tolist()
-        if not axes and _attr(node, "noop_with_empty_axes", 0):
+        view = OnnxNode(node, g.consts)
+        axes = view.const(1, "axes")
+        axes = view.attr("axes", []) if axes is None else axes.astype(np.int64).reshape(-1).tolist()
+        if not axes and view.attr("noop_with_empty_axes", 0):
             raise GateError("noop_with_empty_axes=1 without axes (an identity) is not supported")
-        return {"axes": list(axes), "keepdims": bool(_attr(node, "keepdims", 1))}
+        return {"axes": list(axes), "keepdims": bool(view.attr("keepdims", 1))}
 
     def reduced(self, p: dict, ndim: int) -> list[int]:
         axes = sorted({int(a) % ndim for a in p["axes"]}) if p["axes"] else list(range(ndim))
@@ -335,14 +284,11 @@ class ReduceMax(SwitchGate):
         index, ties = argmax_switches(z, axes)
         if p["keepdims"]:
             index = np.expand_dims(index, tuple(axes))
-        return Frozen(node.name or uid, node.op_type, self.name, tuple(z.shape),
-                      {"index": index, "out_shape": np.array(index.shape, dtype=np.int64)}, ties)
+        return self.frozen(node, uid, z, {"index": index, "out_shape": np.array(index.shape, dtype=np.int64)}, ties)
 
 
 class GlobalMaxPool(ReduceMax):
     """GlobalMaxPool: ReduceMax over every spatial axis (2, 3, ...), dimensions kept."""
-
-    op_type = "GlobalMaxPool"
 
     def params(self, node, g):
         return {"axes": [], "keepdims": True}
@@ -364,12 +310,28 @@ def argmax_switches(z: np.ndarray, axes: list[int]) -> tuple[np.ndarray, int]:
     return np.ravel_multi_index([coords[a] for a in range(z.ndim)], z.shape).astype(np.int64), ties
 
 
-ONNX_GATES: dict[str, OnnxGate] = {g.op_type: g for g in (Relu(), ThresholdedRelu(), Clip(), LeakyRelu(), PRelu(),
-                                                           MaxPool(), ReduceMax(), GlobalMaxPool())}
+# --------------------------------------------------------------------------
+# Lookup: the registered torch gates first, then the ONNX-only switch gates
+# --------------------------------------------------------------------------
+
+SWITCH_GATES: dict[str, OnnxGate] = {"ReduceMax": ReduceMax(), "GlobalMaxPool": GlobalMaxPool()}
 
 
 def gate_for(op_type: str) -> OnnxGate | None:
-    return ONNX_GATES.get(op_type)
+    """The gate of ONNX op type ``op_type``: the registered torch gate that lists it in its
+    ``onnx_ops`` (run by kind), else an ONNX-only switch gate; None: not a gate."""
+    gate = gate_for_onnx(op_type)
+    if gate is None:
+        return SWITCH_GATES.get(op_type)
+    if isinstance(gate, ElementwiseGate):
+        return Elementwise(gate)
+    return MaxPool(gate) if isinstance(gate, MaxPoolGate) else NoOnnxForm(gate)
+
+
+def gate_types() -> list[str]:
+    """Every ONNX op type frozen as a gate now (registered gates first)."""
+    names = dict.fromkeys(op for g in registered_gates() for op in g.onnx_ops if gate_for_onnx(op) is g)
+    return list(names) + [op for op in SWITCH_GATES if op not in names]
 
 
 # --------------------------------------------------------------------------

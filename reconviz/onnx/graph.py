@@ -10,9 +10,13 @@ value-dependent node is either
 
 * affine in its value-dependent inputs (:data:`AFFINE`: Conv, Gemm, Add, ...),
   with the inputs it is not affine in (weights, shapes, pads) constant, or
-* a gate (:mod:`reconviz.onnx.gates`: Relu, ThresholdedRelu, Clip, LeakyRelu,
-  PRelu, MaxPool, ReduceMax, GlobalMaxPool), whose input-dependent choice is
-  frozen at the probe.
+* a gate, whose input-dependent choice is frozen at the probe: a registered
+  gate of :mod:`reconviz.ops.gates` that lists the op type in its ``onnx_ops``
+  (Relu, ThresholdedRelu, Clip, LeakyRelu, PRelu, MaxPool, and what the user
+  registers), or ReduceMax, GlobalMaxPool (:mod:`reconviz.onnx.gates`).
+
+The gate registry is looked up first, so a registered gate takes an op type that
+would otherwise be refused (Shrink for a hardshrink gate, say).
 
 :func:`prepare` finds every node that is neither and raises one
 :class:`UnsupportedGraphError` that lists them all.
@@ -31,7 +35,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import InputError, UnsupportedOperationError
 from ..export import IR_VERSION, OPSET, make_model  # noqa: F401  (re-exported: the graphs reconviz writes)
-from .gates import ONNX_GATES, _attr, gate_for
+from .gates import _attr, gate_for, gate_types
 
 __all__ = ["Prepared", "prepare", "load_model", "UnsupportedGraphError", "AFFINE", "LOGITS", "IR_VERSION"]
 
@@ -52,7 +56,7 @@ class UnsupportedGraphError(UnsupportedOperationError):
         lines = "; ".join(f"node '{n}' ({o}): {w}" for n, o, w in nodes)
         super().__init__(op, name, (
             f"{why}. The ONNX graph has {len(nodes)} node(s) reconviz cannot freeze into an affine map: "
-            f"{lines}. reconviz.onnx reconstructs piecewise-linear graphs ({', '.join(ONNX_GATES)} and "
+            f"{lines}. reconviz.onnx reconstructs piecewise-linear graphs ({', '.join(gate_types())} and "
             "affine ops); cut the graph before these nodes with logits='<tensor name>', or replace them"))
 
 

@@ -22,7 +22,7 @@ from onnx import ModelProto, TensorProto, helper
 
 from ..errors import ExactnessError, InputError
 from ..files import atomic_write
-from .gates import Frozen, gate_for
+from .gates import NodePrior, gate_for
 from .graph import IR_VERSION, Prepared, prepare
 from .probe import FLOAT32_TOLERANCE, OnnxProbe, as_probe_array, max_relative_error, probe, uid
 from .runtime import run, session
@@ -41,7 +41,7 @@ class LinearizedGraph:
     output_name: str
     probes: np.ndarray  # (N, *sample_shape) float32
     logits: np.ndarray  # (N, K_all): the original graph's output at the probes
-    priors: list[Frozen]
+    priors: list[NodePrior]
     source: str
     notes: list[str] = field(default_factory=list)
     activation_bytes: int = 0
@@ -72,7 +72,7 @@ class LinearizedGraph:
     @property
     def exactness(self) -> str:
         """``"region-exact"`` when every frozen gate is piecewise linear, else ``"point-exact"``."""
-        return "region-exact" if all(gate_for(p.op).region_exact for p in self.priors) else "point-exact"
+        return "region-exact" if all(p.region_exact for p in self.priors) else "point-exact"
 
     def session(self):
         if self._session is None:

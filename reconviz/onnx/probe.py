@@ -1,9 +1,10 @@
 """ONNX stage 1 — probe: one onnxruntime run that returns the logits and every gate's prior.
 
 The probe graph is a copy of the prepared graph whose outputs also include the
-tensors the gates need (Relu/Clip/LeakyRelu/PRelu inputs, MaxPool's optional
-Indices output and its input, GlobalMaxPool's input). One run on the probe
-batch x0 gives f(x0) and, through :meth:`OnnxGate.record`, the priors.
+tensors the gates need (an elementwise gate's input, MaxPool's optional Indices
+output and its input, GlobalMaxPool's input). One run on the probe batch x0
+gives f(x0) and, through :meth:`OnnxGate.record` (the registered torch gates'
+frozen math), the priors.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import numpy as np
 import torch
 from onnx import ModelProto, TensorProto, helper
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedOperationError
 from ..probe import check_probe_input
 from ..reconstruction import relative_error, tolerance_for
-from .gates import Frozen, GateError, gate_for
+from .gates import NodePrior, gate_for
 from .graph import Prepared, UnsupportedGraphError
 from .runtime import run, session
 
@@ -32,7 +33,7 @@ class OnnxProbe:
     prep: Prepared
     x: np.ndarray  # (N, *sample_shape) float32
     logits: np.ndarray  # (N, K_all) float32: the graph's output at the probes
-    priors: dict[int, Frozen]  # node index in prep.model.graph.node -> prior
+    priors: dict[int, NodePrior]  # node index in prep.model.graph.node -> prior
     activation_bytes: int  # bytes of the tapped tensors (for chunk sizes)
     logits_shape: tuple[int, ...]  # the logits tensor's shape at the probes (before flattening)
 
@@ -58,7 +59,7 @@ def probe(prep: Prepared, x: np.ndarray) -> OnnxProbe:
     for i in prep.gated:
         taps += [t for t in gate_for(graph.node[i].op_type).taps(graph.node[i], uid(i)) if t not in taps]
     present = {o.name for o in graph.output}
-    int_taps = {graph.node[i].output[1] for i in prep.gated if graph.node[i].op_type == "MaxPool"}
+    int_taps = {t for i in prep.gated for t in gate_for(graph.node[i].op_type).index_taps(graph.node[i])}
     fetch = [t for t in taps if t != prep.input_name]  # a gate right on the input reads x itself
     for t in fetch:
         if t not in present:
@@ -81,8 +82,8 @@ def probe(prep: Prepared, x: np.ndarray) -> OnnxProbe:
             continue
         try:
             priors[i] = gate_for(node.op_type).record(node, values, prep.info, uid(i))
-        except GateError as e:
-            problems.append((name, node.op_type, str(e)))
+        except UnsupportedOperationError as e:
+            problems.append((name, node.op_type, e.advice))
     if problems:
         raise UnsupportedGraphError(problems)
     nbytes = sum(v.nbytes for v in values.values())

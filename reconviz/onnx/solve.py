@@ -158,7 +158,7 @@ def reconstruct(
         ``meta["backend"] == "onnxruntime"``, checked against the float32 tolerance at
         the probes and by the self-checks (:mod:`reconviz.onnx.checks`) away from them:
         ``meta["self_checks"]``. ``meta["exactness"]`` is region-exact when every frozen
-        gate is piecewise linear (``OnnxGate.region_exact``).
+        gate is piecewise linear (the torch gate's ``region_exact``).
 
     Raises:
         UnsupportedGraphError (an UnsupportedOperationError): every node that cannot

@@ -3,7 +3,7 @@
 Each class is one rule; the instances at the bottom list the ops it covers.
 An op not listed here (or registered with :func:`reconviz.ops.register_op`)
 is refused when it touches an input-dependent tensor. The list is tested op by
-op in tests/test_ops.py: each op, applied to input-dependent tensors, must
+op in tests/ops/test_ops.py: each op, applied to input-dependent tensors, must
 satisfy f(a x + b y) = a f(x) + b f(y) up to its constant part.
 
     Linear       f(x) linear/affine in every tensor argument jointly (reshapes, add, sum, pad, ...)

@@ -8,11 +8,16 @@ class knows how to
 * ``record`` the prior at the probe (the choice it made),
 * ``apply`` that prior frozen, which makes the op affine in its input,
 * ``features`` / ``margins``: the affine functions h(z) whose zero set bounds the
-  probe's linear region (used by the certified radius).
+  probe's linear region (used by the certified radius),
+* match ONNX nodes: ``onnx_ops`` (the op types it freezes) and ``onnx_params``
+  (a node's attributes and constant inputs as the ``params`` of ``record``), so
+  that :mod:`reconviz.onnx` runs the same frozen math on ONNX graphs.
 
-Adding a gate = adding one class here and listing it in :data:`GATES` (or
-:func:`register_gate` / :func:`reconviz.ops.registered` from outside). The
-solver, the verifier and the radius never look inside a gate.
+One registry: :func:`gate_for` (torch function -> gate) and :func:`gate_for_onnx`
+(ONNX op type -> gate), both filled by :func:`register_gate` (or
+:func:`reconviz.ops.registered` for a block). Adding a gate = adding one class
+here and listing it in :data:`GATES`. The solver, the verifier and the radius
+never look inside a gate.
 
 Frozen forms, with D the recorded slope and C the recorded offset::
 
@@ -39,7 +44,8 @@ from .base import op_name
 
 __all__ = [
     "Call", "Prior", "Gate", "ElementwiseGate", "ReLUGate", "ClampGate", "LeakyReLUGate", "PReLUGate",
-    "ThresholdGate", "MaxPoolGate", "GATES", "gate_for", "gate_named", "register_gate", "per_probe",
+    "ThresholdGate", "MaxPoolGate", "GATES", "gate_for", "gate_for_onnx", "gate_named", "register_gate",
+    "registered_gates", "per_probe",
 ]
 
 
@@ -104,8 +110,17 @@ class Gate:
     # True when ``record`` returns the frozen form's output (equal to the op's own output,
     # value for value): the probe pass is then g's pass at x0, and its graph can be reused
     records_frozen: bool = False
+    onnx_ops: tuple[str, ...] = ()  # ONNX op types this gate freezes (reconviz.onnx)
 
     def parse(self, func: Callable, args: tuple, kwargs: dict) -> Call:
+        raise NotImplementedError
+
+    def onnx_params(self, node: Any) -> dict[str, Any]:
+        """The ``params`` of :meth:`record` for an ONNX node of one of :attr:`onnx_ops`.
+
+        ``node`` (:class:`reconviz.onnx.gates.OnnxNode`) has ``op_type``, ``name``,
+        ``attr(name, default)`` and ``const(i, what)`` (constant input i as an array, None
+        when absent). Raise UnsupportedOperationError for a node the gate cannot freeze."""
         raise NotImplementedError
 
     def record(self, call: Call, n: int) -> tuple[Any, dict[str, Tensor], dict[str, Any], int]:
@@ -185,13 +200,17 @@ class ElementwiseGate(Gate):
     def breakpoints(self, p: dict) -> list[Any]:
         raise NotImplementedError
 
-    def record(self, call, n):
-        z = call.z.detach()
-        slope, offset = self.slope_offset(z, call.params)
+    def prior_at(self, z: Tensor, p: dict) -> tuple[dict[str, Tensor], int]:
+        """The prior at z: {"slope": D, "offset": C} in z's dtype, and the ties (units of z
+        on a breakpoint). The one place both paths (torch, ONNX) read a prior off z."""
+        slope, offset = self.slope_offset(z, p)
         tensors = {"slope": slope.to(z.dtype)}
         if offset is not None:
             tensors["offset"] = offset.to(z.dtype)
-        ties = sum(_count_equal(z, b) for b in self.breakpoints(call.params))
+        return tensors, sum(_count_equal(z, b) for b in self.breakpoints(p))
+
+    def record(self, call, n):
+        tensors, ties = self.prior_at(call.z.detach(), call.params)
         out = self._frozen(call, tensors, n=None) if self.records_frozen else call.original()
         return out, tensors, {k: _detach(v) for k, v in call.params.items()}, ties
 
@@ -252,12 +271,16 @@ class ReLUGate(ElementwiseGate):
     name = "relu"
     records_frozen = True
     functions = (F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
+    onnx_ops = ("Relu",)
 
     def parse(self, func, args, kwargs):
         inplace = func in (torch.relu_, Tensor.relu_) or bool(
             func is F.relu and _arg(args, kwargs, 1, "inplace", False)
         )
         return Call(func, args[0], {}, inplace)
+
+    def onnx_params(self, node):
+        return {}
 
     def slope_offset(self, z, p):
         return torch.gt(z, 0, out=torch.empty_like(z)), None  # 1[z > 0] in z's dtype, one pass
@@ -271,7 +294,9 @@ class ReLUGate(ElementwiseGate):
 
 class ClampGate(ElementwiseGate):
     """Hardtanh, ReLU6, clamp/clip: D = 1[lo < z < hi], C = lo 1[z <= lo] + hi 1[z >= hi]
-    (clamp/clip: D = 1[lo <= z <= hi], as their gradient is, and C where z < lo or z > hi)."""
+    (clamp/clip: D = 1[lo <= z <= hi], as their gradient is, and C where z < lo or z > hi).
+    ONNX Clip (bounds from inputs 1, 2, or attributes min, max before opset 11) is frozen
+    like hardtanh: D = 0 on a bound."""
 
     name = "clamp"
     records_frozen = True
@@ -281,6 +306,7 @@ class ClampGate(ElementwiseGate):
         Tensor.clamp_min, Tensor.clamp_min_, torch.clamp_max, torch.clamp_max_, Tensor.clamp_max,
         Tensor.clamp_max_,
     )
+    onnx_ops = ("Clip",)
 
     def parse(self, func, args, kwargs):
         z = args[0]
@@ -297,15 +323,19 @@ class ClampGate(ElementwiseGate):
         else:
             lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
             inplace = name.endswith("_")
-        if lo is not None and hi is not None and bool(torch.as_tensor(lo > hi).any()):
-            raise UnsupportedOperationError(
-                op_name(func), "", f"its lower bound exceeds its upper bound (min {_show(lo)} > max "
-                f"{_show(hi)}): the op then returns max everywhere, which is not the clamp reconviz "
-                "freezes; fix the bounds")
+        _check_bounds(op_name(func), "", lo, hi)
         # torch.clamp/clip differentiate to 1 on their bounds, hardtanh/relu6 to 0: the frozen
         # slope at a tie follows, so that W is the autograd gradient there too
         return Call(func, z, {"lo": lo, "hi": hi, "closed": func not in (F.hardtanh, F.hardtanh_, F.relu6)},
                     inplace)
+
+    def onnx_params(self, node):
+        lo, hi = node.const(1, "min"), node.const(2, "max")
+        lo = node.attr("min") if lo is None else lo
+        hi = node.attr("max") if hi is None else hi
+        lo, hi = (None if b is None else float(b) for b in (lo, hi))
+        _check_bounds(node.op_type, node.name, lo, hi)
+        return {"lo": lo, "hi": hi, "closed": False}
 
     def slope_offset(self, z, p):
         lo, hi, closed = p["lo"], p["hi"], p.get("closed", False)
@@ -331,12 +361,17 @@ class ClampGate(ElementwiseGate):
 
 
 class LeakyReLUGate(ElementwiseGate):
-    """LeakyReLU, and RReLU in eval mode: its slope is then fixed, (lower + upper) / 2."""
+    """LeakyReLU, and RReLU in eval mode: its slope is then fixed, (lower + upper) / 2.
+    ONNX LeakyRelu: the slope is its ``alpha`` (default 0.01)."""
 
     name = "leaky_relu"
     records_frozen = True
     functions = (F.leaky_relu, F.leaky_relu_, F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_)
     _rrelu = (F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_)
+    onnx_ops = ("LeakyRelu",)
+
+    def onnx_params(self, node):
+        return {"a": float(node.attr("alpha", 0.01))}
 
     def parse(self, func, args, kwargs):
         if func in self._rrelu:
@@ -366,14 +401,24 @@ class LeakyReLUGate(ElementwiseGate):
 
 
 class PReLUGate(ElementwiseGate):
-    """PReLU: the learned slope a (one per channel, dim 1, or one in all)."""
+    """PReLU: the learned slope a (one per channel, dim 1, or one in all). ONNX PRelu's
+    slope (input 1) broadcasts numpy-style (from the last axis): a 1-D one of k > 1
+    values is kept as (1, k), and a slope of 2 or more dims is used as it is."""
 
     name = "prelu"
     records_frozen = True
     functions = (F.prelu, torch.prelu, Tensor.prelu)
+    onnx_ops = ("PRelu",)
 
     def parse(self, func, args, kwargs):
         return Call(func, args[0], {"weight": _arg(args, kwargs, 1, "weight")})
+
+    def onnx_params(self, node):
+        a = node.const(1, "slope")
+        if a is None:
+            raise UnsupportedOperationError(node.op_type, node.name, "it has no slope input")
+        a = torch.as_tensor(a)
+        return {"weight": a.reshape(1, -1) if a.dim() == 1 and a.numel() > 1 else a}
 
     def slope_offset(self, z, p):
         a = self._slope(z, p)
@@ -381,8 +426,9 @@ class PReLUGate(ElementwiseGate):
 
     @staticmethod
     def _slope(z: Tensor, p: dict) -> Tensor:
+        """torch's 1-D weight along the channel dim 1; any other shape broadcast as it is."""
         a = p["weight"].detach().to(z.dtype)
-        return a.reshape((1, -1) + (1,) * (z.dim() - 2)) if a.numel() > 1 and z.dim() >= 2 else a
+        return a.reshape((1, -1) + (1,) * (z.dim() - 2)) if a.dim() == 1 and a.numel() > 1 and z.dim() >= 2 else a
 
     def backward_signal(self, call):
         a = self._slope(call.z, call.params)
@@ -393,11 +439,16 @@ class PReLUGate(ElementwiseGate):
 
 
 class ThresholdGate(ElementwiseGate):
-    """F.threshold: z if z > t else v  ->  D = 1[z > t], C = v 1[z <= t]."""
+    """F.threshold: z if z > t else v  ->  D = 1[z > t], C = v 1[z <= t]. ONNX
+    ThresholdedRelu (z if z > alpha else 0, alpha default 1.0) is t = alpha, v = 0."""
 
     name = "threshold"
     records_frozen = True
     functions = (F.threshold, F.threshold_, torch.threshold, torch.threshold_)
+    onnx_ops = ("ThresholdedRelu",)
+
+    def onnx_params(self, node):
+        return {"t": float(node.attr("alpha", 1.0)), "v": 0.0}
 
     def parse(self, func, args, kwargs):
         t, v = _arg(args, kwargs, 1, "threshold"), _arg(args, kwargs, 2, "value")
@@ -437,6 +488,14 @@ def _show(v: Any) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) else "a tensor"
 
 
+def _check_bounds(op: str, path: str, lo: Any, hi: Any) -> None:
+    """UnsupportedOperationError when a clamp's lower bound exceeds its upper bound."""
+    if lo is not None and hi is not None and bool(torch.as_tensor(lo > hi).any()):
+        raise UnsupportedOperationError(
+            op, path, f"its lower bound exceeds its upper bound (min {_show(lo)} > max {_show(hi)}): the op "
+            "then returns max everywhere, which is not the clamp reconviz freezes; fix the bounds")
+
+
 def _detach(v: Any) -> Any:
     return v.detach() if isinstance(v, Tensor) else v
 
@@ -456,7 +515,11 @@ def _pool_fns(k: int) -> tuple[Callable, Callable]:
 class MaxPoolGate(Gate):
     """MaxPool 1d/2d/3d (any kernel, stride, padding, dilation, ceil_mode) and
     AdaptiveMaxPool 1d/2d/3d. The prior is the flat arg-max index of every window
-    over the last k (spatial) dims, exactly PyTorch's ``return_indices`` output."""
+    over the last k (spatial) dims, exactly PyTorch's ``return_indices`` output.
+
+    ONNX MaxPool: the same windows (``onnx_params``; ``padding`` is the leading pad of
+    each axis, which is all :meth:`pairwise_ties` needs); reconviz.onnx records the
+    switches from the node's own Indices output and counts ties with :meth:`pairwise_ties`."""
 
     name = "max_pool"
     records_frozen = True
@@ -472,6 +535,18 @@ class MaxPoolGate(Gate):
         if f is not None
     }
     functions = tuple(_dims)
+    onnx_ops = ("MaxPool",)
+
+    def onnx_params(self, node):
+        if node.attr("storage_order", 0) != 0:
+            raise UnsupportedOperationError(node.op_type, node.name,
+                                            "storage_order=1 (column-major indices) is not supported")
+        kernel = tuple(node.attr("kernel_shape"))
+        k = len(kernel)
+        ones = (1,) * k
+        return {"k": k, "adaptive": False, "kernel_size": kernel, "stride": tuple(node.attr("strides", ones)),
+                "padding": tuple(node.attr("pads", (0,) * 2 * k))[:k], "dilation": tuple(node.attr("dilations", ones)),
+                "ceil_mode": bool(node.attr("ceil_mode", 0)), "return_indices": False}
 
     def parse(self, func, args, kwargs):
         k = self._dims[func]
@@ -674,20 +749,26 @@ def _tup(v: Any, k: int) -> tuple[int, ...]:
 
 GATES: list[Gate] = [ReLUGate(), ClampGate(), LeakyReLUGate(), PReLUGate(), ThresholdGate(), MaxPoolGate()]
 _BY_FUNC: dict[Any, Gate] = {}
+_BY_ONNX: dict[str, Gate] = {}
 _BY_NAME: dict[str, Gate] = {}
 
 
 def register_gate(gate: Gate) -> Gate:
-    """Add a gate type (its functions then route to it). Returns the gate.
+    """Add a gate type (its torch functions and its ONNX op types then route to it; later
+    registrations win). Returns the gate.
 
     To add one for a block of code only, use :func:`reconviz.ops.registered`."""
     if not isinstance(gate, Gate):
         raise InputError(f"register_gate takes a reconviz.Gate instance, got {type(gate).__name__}")
     if gate.name in _BY_NAME and _BY_NAME[gate.name] is not gate:
         raise InputError(f"a gate named {gate.name!r} is already registered: choose another name")
+    if isinstance(gate.onnx_ops, str) or not all(isinstance(o, str) and o for o in gate.onnx_ops):
+        raise InputError(f"gate {gate.name!r}: onnx_ops must be a tuple of ONNX op type names, got {gate.onnx_ops!r}")
     _BY_NAME[gate.name] = gate
     for f in gate.functions:
         _BY_FUNC[f] = gate
+    for op_type in gate.onnx_ops:
+        _BY_ONNX[op_type] = gate
     if gate not in GATES:
         GATES.append(gate)
     return gate
@@ -704,6 +785,17 @@ def gate_for(func: Callable) -> Gate | None:
         return None
 
 
+def gate_for_onnx(op_type: str) -> Gate | None:
+    """The registered gate that freezes ONNX nodes of ``op_type`` (its ``onnx_ops``), or None."""
+    return _BY_ONNX.get(op_type)
+
+
+def registered_gates() -> tuple[Gate, ...]:
+    """The gates registered now (built-in first), as a tuple: register with
+    :func:`register_gate` or :func:`reconviz.ops.registered`, never by editing a list."""
+    return tuple(GATES)
+
+
 def gate_named(name: str) -> Gate:
     return _BY_NAME[name]
 
@@ -715,15 +807,14 @@ def gate_function_names() -> set[str]:
 
 def snapshot() -> tuple:
     """The registry's state, for :func:`restore`."""
-    return list(GATES), dict(_BY_FUNC), dict(_BY_NAME)
+    return list(GATES), dict(_BY_FUNC), dict(_BY_ONNX), dict(_BY_NAME)
 
 
 def restore(state: tuple) -> None:
     """Put the registry back as :func:`snapshot` found it."""
-    gates, by_func, by_name = state
+    gates, *tables = state
     GATES[:] = gates
-    _BY_FUNC.clear()
-    _BY_FUNC.update(by_func)
-    _BY_NAME.clear()
-    _BY_NAME.update(by_name)
+    for table, saved in zip((_BY_FUNC, _BY_ONNX, _BY_NAME), tables):
+        table.clear()
+        table.update(saved)
 

@@ -48,7 +48,8 @@ def register_op(op: Op) -> Op:
 
 @contextmanager
 def registered(*items: Op | _gates.Gate) -> Iterator[None]:
-    """Register ops and gates for the ``with`` block only; the registries are restored on exit."""
+    """Register ops and gates for the ``with`` block only; the registries (torch functions,
+    aten names, and the ONNX op types of gates) are restored on exit."""
     saved = (dict(_BY_FUNC), dict(_BY_ATEN), _gates.snapshot())
     try:
         for item in items:

@@ -397,6 +397,30 @@ def test_global_max_pool_and_relu_on_the_input():
     assert w_rel(rec.weight, rv.reconstruct(Twin().eval(), x).weight) <= W_REL
 
 
+def test_rv_reconstruct_takes_an_onnx_model(nets, tmp_path):
+    """rv.reconstruct(ModelProto or .onnx path) is rv.onnx.reconstruct: the same W, b, exact at the probes."""
+    name = EXPORTABLE[0]
+    model, x, torch_rec, proto = nets[name]
+    path = tmp_path / "model.onnx"
+    path.write_bytes(proto.SerializeToString())
+    direct = rv.onnx.reconstruct(proto, x, classes=[0, 2], seed=1)
+    for source in (proto, path, str(path)):
+        rec = rv.reconstruct(source, x, classes=[0, 2], seed=1)
+        assert rec.meta["backend"] == "onnxruntime" and rec.meta["method"] == "basis"
+        assert torch.equal(rec.weight, direct.weight) and torch.equal(rec.bias, direct.bias)
+        assert rec.meta["max_rel_error"] <= F32 and rel(rec(x), ort_run(proto, x)[:, [0, 2]]) <= F32
+        assert w_rel(rec.weight, torch_rec.weight[:, [0, 2]]) <= W_REL
+        assert rel(rec.bias, torch_rec.bias[:, [0, 2]]) <= F32
+    for bad in ({"method": "adjoint"}, {"dtype": torch.float16}, {"output": 0}, {"keep_hooks": True}):
+        with pytest.raises(InputError, match="ONNX model"):
+            rv.reconstruct(proto, x, **bad)
+    with pytest.raises(InputError, match="not found"):
+        rv.reconstruct(tmp_path / "missing.onnx", x)
+    for other in (str(tmp_path / "model.pt"), proto.SerializeToString(), 42):
+        with pytest.raises(InputError, match="must be a torch.nn.Module"):
+            rv.reconstruct(other, x)
+
+
 # errors -----------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """docs/extending.md's worked examples, asserted: a custom piecewise-linear gate and a custom
 affine op, registered for a block, work in reconstruct, verify, guided backprop and layer
-gradients; outside the block they are refused again."""
+gradients, and the gate in the ONNX path too; outside the block they are refused again."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import reconviz as rv
 from reconviz.ops import Linear, classify, registered
-from reconviz.ops.gates import Call, ElementwiseGate
+from reconviz.ops.gates import Call, ElementwiseGate, gate_for_onnx
 
 from conftest import assert_exact, snapshot
 
@@ -21,10 +21,16 @@ class HardshrinkGate(ElementwiseGate):
 
     name = "hardshrink"
     functions = (F.hardshrink, torch.hardshrink, torch.Tensor.hardshrink)
+    onnx_ops = ("Shrink",)  # ONNX Shrink: z + bias below -lambd, z - bias above lambd, else 0
 
     def parse(self, func, args, kwargs):
         lambd = args[1] if len(args) > 1 else kwargs.get("lambd", 0.5)
         return Call(func, args[0], {"lambd": float(lambd)})
+
+    def onnx_params(self, node):
+        if node.attr("bias", 0.0) != 0:
+            raise rv.UnsupportedOperationError(node.op_type, node.name, "a Shrink with a bias is softshrink")
+        return {"lambd": float(node.attr("lambd", 0.5))}
 
     def slope_offset(self, z, p):
         return (z.abs() > p["lambd"]).to(z.dtype), None
@@ -73,6 +79,67 @@ def test_a_registered_custom_gate_works_everywhere():
         assert fields  # the connectivity test ran through the custom gate (identity there)
     assert classify(F.hardshrink) == "refused"
     assert snapshot(model) == before
+
+
+def _dyadic_net():
+    """_net's layers with weights and biases k / 8: with inputs k / 64 in [-1, 1] every value
+    computed is a dyadic rational that float32 holds exactly (the solve's scale 2^12 too), so
+    float32 onnxruntime and float64 torch agree to the last bit."""
+    model = _net()
+    g = torch.Generator().manual_seed(4)
+    for p in model.parameters():
+        p.data = torch.randint(-8, 9, p.shape, generator=g).double() / 8
+    return model
+
+
+def _shrink_graph(model, bias=0.0):
+    """model as ONNX: Conv -> Shrink (hardshrink) -> MaxPool -> Flatten -> Gemm."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    conv, shrink, _, _, fc = model
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w", "b"], ["c"]), n("Shrink", ["c"], ["s"], lambd=shrink.lambd, bias=bias, name="shrink"),
+             n("MaxPool", ["s"], ["p"], kernel_shape=[2, 2], strides=[2, 2]), n("Flatten", ["p"], ["f"]),
+             n("Gemm", ["f", "wf", "bf"], ["y"], transB=1)]
+    weights = {"w": conv.weight, "b": conv.bias, "wf": fc.weight, "bf": fc.bias}
+    inits = [numpy_helper.from_array(v.detach().float().numpy(), k) for k, v in weights.items()]
+    graph = helper.make_graph(nodes, "shrink", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _affine(rec, x):
+    """W x + b in float64."""
+    return torch.einsum("nkd,nd->nk", rec.weight.double().flatten(2), x.flatten(1)) + rec.bias.double()
+
+
+def test_a_registered_custom_gate_works_in_the_onnx_path():
+    model = _dyadic_net()
+    proto = _shrink_graph(model)
+    x = torch.randint(-64, 65, (2, 1, 6, 6), generator=torch.Generator().manual_seed(6)).double() / 64
+    with pytest.raises(rv.onnx.UnsupportedGraphError, match="Shrink"):
+        rv.onnx.reconstruct(proto, x)
+    with registered(HardshrinkGate()):
+        assert isinstance(gate_for_onnx("Shrink"), HardshrinkGate)
+        rec = rv.onnx.reconstruct(proto, x)
+        torch_rec = rv.reconstruct(model, x)
+        with pytest.raises(rv.onnx.UnsupportedGraphError, match="softshrink"):
+            rv.onnx.reconstruct(_shrink_graph(model, bias=0.5), x)
+    assert rec.meta["gates"] == {"Shrink": 1, "MaxPool": 1} and rec.exactness == "region-exact"
+    assert rec.meta["ties"] == torch_rec.meta["ties"] == 0 and all(c["passed"] for c in rec.meta["self_checks"])
+    ort = torch.from_numpy(rv.onnx.run_model(proto, x.float().numpy())).double()
+    with torch.no_grad():
+        f = model(x)
+    for y in (ort, f):  # onnxruntime (float32, exact here) and torch (float64)
+        assert float(((_affine(rec, x) - y).abs() / y.abs().clamp_min(1)).max()) <= 1e-9
+    assert float((rec.weight.double() - torch_rec.weight).abs().max()) <= 1e-9 * float(torch_rec.weight.abs().max())
+    # outside the block the op type is refused again, as before registering
+    assert gate_for_onnx("Shrink") is None
+    with pytest.raises(rv.onnx.UnsupportedGraphError, match="Shrink"):
+        rv.onnx.reconstruct(proto, x)
 
 
 def test_a_gate_without_a_backward_rule_is_refused_by_guided_backprop():

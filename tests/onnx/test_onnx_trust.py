@@ -19,8 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import reconviz as rv
 from reconviz.errors import ExactnessError, UnsupportedOperationError
-from reconviz.onnx import ONNX_GATES, UnsupportedGraphError, checks
-from reconviz.onnx.gates import ThresholdedRelu
+from reconviz.onnx import UnsupportedGraphError, checks
+from reconviz.onnx.gates import Elementwise, OnnxNode, gate_for, gate_types
+from reconviz.ops import registered
+from reconviz.ops.gates import ReLUGate, ThresholdGate, gate_for_onnx
 
 F32 = rv.tolerance_for(torch.float32)
 
@@ -115,11 +117,81 @@ def test_thresholded_relu_ties_are_counted(alpha, ties):
     assert rv.onnx.reconstruct(model, x + 0.01).meta["ties"] == 0
 
 
-def test_relu_is_thresholded_relu_at_zero():
-    """Relu is ThresholdedRelu with alpha 0: one slope rule for both."""
-    assert isinstance(ONNX_GATES["Relu"], ThresholdedRelu)
-    assert ONNX_GATES["Relu"].params(None, None) == {"alpha": 0.0}
-    assert ONNX_GATES["ThresholdedRelu"].breakpoints({"alpha": np.float32(1.5)}) == [1.5]
+def test_onnx_nodes_route_to_the_torch_gates():
+    """One registry: Relu is ReLUGate, ThresholdedRelu is ThresholdGate at t = alpha, v = 0."""
+    assert isinstance(gate_for_onnx("Relu"), ReLUGate) and isinstance(gate_for_onnx("ThresholdedRelu"), ThresholdGate)
+    node = OnnxNode(helper.make_node("ThresholdedRelu", ["z"], ["y"], alpha=1.5), {})
+    assert gate_for_onnx("ThresholdedRelu").onnx_params(node) == {"t": 1.5, "v": 0.0}
+    assert gate_for_onnx("ThresholdedRelu").breakpoints({"t": 1.5, "v": 0.0}) == [1.5]
+    assert isinstance(gate_for("Relu"), Elementwise) and gate_for("Relu").gate is gate_for_onnx("Relu")
+    assert gate_types() == ["Relu", "Clip", "LeakyRelu", "PRelu", "ThresholdedRelu", "MaxPool", "ReduceMax",
+                            "GlobalMaxPool"]
+
+
+# --------------------------------------------------------------------------
+# One registry: an ONNX gate node and its torch twin record the same prior
+# --------------------------------------------------------------------------
+
+SLOPE = np.array([0.25, -0.5, 2.0], np.float32)  # PRelu, one per channel (ONNX shape (3, 1, 1))
+
+
+def one_node(op, attrs=None, inits=None):
+    """x (N, 3, 4, 4) -> op -> y: the gate on the input itself."""
+    inits = inits or {}
+    node = helper.make_node(op, ["x", *inits], ["y"], name="gate", **(attrs or {}))
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4, 4]) for n in ("x", "y")]
+    graph = helper.make_graph([node], "one", vi[:1], vi[1:],
+                              initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k)
+                                           for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _prelu():
+    m = nn.PReLU(3)
+    m.weight.data = torch.from_numpy(SLOPE)
+    return m
+
+
+# (ONNX op, attributes, constant inputs, the torch twin, the breakpoints placed in x)
+TWINS = {
+    "Relu": ({}, {}, nn.ReLU, [0.0]),
+    "ThresholdedRelu": ({"alpha": 0.5}, {}, lambda: nn.Threshold(0.5, 0.0), [0.5]),
+    "Clip": ({}, {"lo": -0.5, "hi": 0.75}, lambda: nn.Hardtanh(-0.5, 0.75), [-0.5, 0.75]),
+    "LeakyRelu": ({"alpha": 0.2}, {}, lambda: nn.LeakyReLU(0.2), [0.0]),
+    "PRelu": ({}, {"slope": SLOPE.reshape(3, 1, 1)}, _prelu, [0.0]),
+}
+
+
+@pytest.mark.parametrize("op", list(TWINS))
+def test_onnx_and_torch_record_identical_priors(op):
+    """Same z, same slope D, offset C and ties, bit for bit, with units exactly on every breakpoint."""
+    attrs, inits, twin_of, points = TWINS[op]
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    flat = x.view(-1)
+    for k, b in enumerate(points):
+        flat[5 * k:5 * k + 3] = b  # three units on each breakpoint
+    onnx_prior = rv.onnx.linearize(one_node(op, attrs, inits), x).priors[0]
+    torch_prior = rv.linearize(nn.Sequential(twin_of()).eval(), x, dtype=torch.float32).priors[0]
+    assert onnx_prior.gate == torch_prior.gate and onnx_prior.ties == torch_prior.ties == 3 * len(points)
+    slope = torch_prior.tensors["slope"].numpy()
+    offset = torch_prior.tensors.get("offset", torch.zeros(slope.shape)).numpy()
+    assert onnx_prior.tensors["slope"].dtype == np.float32 and np.array_equal(onnx_prior.tensors["slope"], slope)
+    assert np.array_equal(onnx_prior.tensors.get("offset", np.zeros_like(slope)), offset)
+    assert len(np.unique(slope)) > 1  # both pieces met
+
+
+def test_an_onnx_prelu_slope_broadcasts_from_the_last_axis():
+    """ONNX PRelu broadcasts numpy-style: a 1-D slope of 4 runs along the last axis (W), not channels."""
+    slope = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    lin = rv.onnx.linearize(one_node("PRelu", inits={"slope": slope}), x)
+    want = np.where(x.numpy() > 0, np.float32(1), np.broadcast_to(slope, x.shape))
+    assert np.array_equal(lin.priors[0].tensors["slope"], want)
+
+
+def test_onnx_clip_refuses_crossed_bounds_like_torch():
+    with pytest.raises(UnsupportedGraphError, match="lower bound exceeds its upper bound"):
+        rv.onnx.linearize(one_node("Clip", inits={"lo": 1.0, "hi": -1.0}), torch.randn(1, 3, 4, 4))
 
 
 # --------------------------------------------------------------------------
@@ -171,23 +243,26 @@ def test_reduce_max_over_the_batch_axis_is_refused():
 # --------------------------------------------------------------------------
 
 
-class PointThreshold(ThresholdedRelu):
-    """A ThresholdedRelu registered as if it were smooth (frozen at the probe only)."""
+class PointThreshold(ThresholdGate):
+    """A threshold gate registered as if it were smooth (frozen at the probe only)."""
 
+    name = "point_threshold"
     region_exact = False
 
 
-def test_exactness_is_derived_from_the_frozen_gates(monkeypatch):
+def test_exactness_is_derived_from_the_frozen_gates():
     w, b, wf, bf = weights(2)
     model = thresholded(w, b, wf, bf, 0.3)
     x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(2))
     exact = rv.onnx.reconstruct(model, x)
     assert exact.meta["exactness"] == exact.exactness == "region-exact"
-    assert all(g.region_exact for g in ONNX_GATES.values()) and len(ONNX_GATES) == 8
-    monkeypatch.setitem(ONNX_GATES, "ThresholdedRelu", PointThreshold())
-    point = rv.onnx.reconstruct(model, x)
+    assert all(gate_for(op).region_exact for op in gate_types()) and len(gate_types()) == 8
+    with registered(PointThreshold()):
+        point = rv.onnx.reconstruct(model, x)
+        lin = rv.onnx.linearize(model, x)
     assert point.meta["exactness"] == point.exactness == "point-exact"
-    assert rv.onnx.linearize(model, x).exactness == "point-exact"
+    assert lin.exactness == "point-exact"  # the label was taken when the gate was frozen
+    assert type(gate_for_onnx("ThresholdedRelu")) is ThresholdGate and gate_for("ThresholdedRelu").region_exact
     assert torch.equal(point.weight, exact.weight) and point.meta["max_rel_error"] <= F32
     region = point.meta["self_checks"][1]
     assert region["passed"] is None and region["max_rel_error"] is None and "point-exact" in region["detail"]

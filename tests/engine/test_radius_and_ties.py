@@ -1,6 +1,6 @@
-"""Audit of the core (issue 2): the certified radius with in-place gates, ties of every
-gate kind, and the user's model (and process-wide torch state) untouched by every
-entry point, on success and on every error path."""
+"""The certified radius with in-place gates, ties of every gate kind, and the user's model
+(and process-wide torch state) untouched by the core's entry points on success and on
+every error path (the contract over every public entry point: contracts/test_contracts.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audit of the attribution methods (issue 5): the reconstruction as the oracle of the
+"""The attribution methods against oracles: the reconstruction as the oracle of the
 gradient, one call shape and one target rule for every method, and models that write
 into their own input."""
 

@@ -224,7 +224,7 @@ def test_a_custom_gate_continues_with_the_models_own_value(monkeypatch):
             return [-0.5, 0.5]
 
     assert not WrongHardshrink().records_frozen
-    assert all(g.records_frozen for g in rv.GATES)  # every built-in gate
+    assert all(g.records_frozen for g in rv.registered_gates())  # every built-in gate
     with registered(WrongHardshrink()):
         model = nn.Sequential(nn.Linear(4, 6), nn.Hardshrink(), nn.Linear(6, 3)).eval()
         with pytest.raises(rv.ExactnessError):
@@ -447,3 +447,36 @@ def test_a_smooth_gate_is_labelled_point_exact_everywhere(tmp_path, point_exact_
         near = x + 1e-3
         assert float((rec(near) - copy.deepcopy(model).double()(near)).abs().max()) > 1e-9
     assert rv.Reconstruction.load(rec.save(tmp_path / "r.npz")).exactness == "point-exact"
+
+
+def test_the_registry_is_read_as_a_tuple_and_changed_only_by_registering():
+    """rv.registered_gates() is a snapshot (a tuple: no append); the old rv.GATES name reads
+    the same snapshot with a DeprecationWarning."""
+    gates = rv.registered_gates()
+    assert isinstance(gates, tuple) and [g.name for g in gates[:6]] == [
+        "relu", "clamp", "leaky_relu", "prelu", "threshold", "max_pool"]
+    with pytest.warns(DeprecationWarning, match="registered_gates"):
+        old = rv.GATES
+    assert old == gates and not hasattr(old, "append")
+
+
+def test_one_registry_routes_onnx_op_types_and_restores_them():
+    """A gate's onnx_ops route ONNX nodes to it (later registrations win) for as long as it is
+    registered; onnx_ops must be a tuple of op type names."""
+    from reconviz.ops import registered as registered_for
+    from reconviz.ops.gates import ReLUGate, gate_for_onnx
+
+    class MyRelu(ReLUGate):
+        name, onnx_ops = "my_relu", ("Relu", "MyRelu")
+
+    class Bad(ReLUGate):
+        name, onnx_ops = "bad_relu", "Relu"
+
+    mine = MyRelu()
+    assert type(gate_for_onnx("Relu")) is ReLUGate and gate_for_onnx("MyRelu") is None
+    with registered_for(mine):
+        assert gate_for_onnx("Relu") is mine and gate_for_onnx("MyRelu") is mine
+    assert type(gate_for_onnx("Relu")) is ReLUGate and gate_for_onnx("MyRelu") is None
+    with pytest.raises(rv.InputError, match="onnx_ops must be a tuple"):
+        rv.register_gate(Bad())
+    assert gate_for_onnx("Relu") is not None and "bad_relu" not in [g.name for g in rv.registered_gates()]
