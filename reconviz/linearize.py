@@ -16,11 +16,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import InputError, ReconvizError, ReplayMismatchError
-from .ops.base import op_name
+from .ops.base import op_name, tensors_in
+from .ops.factors import FACTOR, product_op
 from .ops.gates import Call, Gate, Prior, gate_named
-from .probe import MODEL_ERRORS, GateMode, OutputSelector, Probe, probe, select_output
+from .probe import MODEL_ERRORS, GateMode, OutputSelector, Probe, current_path, probe, select_output
 
-__all__ = ["LinearizedModel", "linearize", "ReplayMode"]
+__all__ = ["LinearizedModel", "linearize", "ReplayMode", "POINT_EXACT"]
+
+# why a point-exact result has no certified radius, no region check and no Jacobian check
+POINT_EXACT = "point-exact: gates frozen at their values"
 
 Observer = Callable[[int, Gate, Prior, Tensor], None]
 
@@ -54,6 +58,24 @@ class ReplayMode(GateMode):
         if self.observer is not None:
             self.observer(self.i - 1, gate, prior, call.z)
         return self.run(gate, prior, call)
+
+    def on_other(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A product whose factors the probe froze (the value rule) gets them back; any other
+        call runs as written."""
+        prior = self.priors[self.i] if self.i < len(self.priors) else None
+        if product_op(func) is None or prior is None or prior.gate != FACTOR.name:
+            return super().on_other(func, args, kwargs)
+        if prior.params["call"] > self.products:
+            return super().on_other(func, args, kwargs)
+        path = current_path(self.work)
+        if prior.params["call"] < self.products or (prior.op, prior.module_path) != (op_name(func), path):
+            raise ReplayMismatchError(
+                f"frozen product #{self.i} differs from the probe: expected '{prior.op}' in module "
+                f"'{prior.module_path}', got '{op_name(func)}' in module '{path}'. The model's control "
+                "flow depends on its input")
+        self.i += 1
+        z = next(tensors_in((args, kwargs)))
+        return self.run(FACTOR, prior, Call(func, z, {}, args=args, kwargs=kwargs))
 
     def run(self, gate: Gate, prior: Prior, call: Call) -> Any:
         """The gated call, frozen at its prior."""

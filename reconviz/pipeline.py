@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .basis import BASES, Basis, make_basis
 from .errors import InputError
-from .linearize import LinearizedModel, as_linearized
+from .linearize import POINT_EXACT, LinearizedModel, as_linearized
 from .probe import OutputSelector
 from .reconstruction import Reconstruction, frozen_summary, tolerance_for
 from .selfcheck import SelfCheck, affinity_point, compare_outputs, raise_if_failed
@@ -32,7 +32,7 @@ from .solve import (
     timed_pass,
 )
 
-__all__ = ["reconstruct", "check_options", "checked"]
+__all__ = ["reconstruct", "check_options", "checked", "check_linearization", "LINEARIZATIONS"]
 
 
 def reconstruct(
@@ -50,6 +50,7 @@ def reconstruct(
     out: str | os.PathLike | None = None,
     progress: bool | None = None,
     keep_hooks: bool = False,
+    linearization: str = "value",
 ) -> Reconstruction:
     """Reconstruct the exact affine model ``f(x) = W x + b`` of ``model`` at each probe.
 
@@ -91,6 +92,11 @@ def reconstruct(
         progress: show a progress bar (default: on a terminal, for long solves).
         keep_hooks: run the model's own forward hooks on reconviz's copy (default:
             the copy has none, so a hook cannot change your objects).
+        linearization: ``"value"`` (the only rule so far): piecewise-linear gates keep
+            their masks and switches (region-exact), smooth gates and the factors of
+            products and divisions are frozen at their value at x0 (point-exact; see
+            docs/exactness.md). ``"tangent"`` (the Jacobian at x0) is not implemented yet
+            (issue 12): InputError.
 
     Returns:
         A :class:`Reconstruction` whose ``meta`` records the measured error at
@@ -101,6 +107,7 @@ def reconstruct(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    check_linearization(linearization)
     if is_onnx_model(model):
         _check_onnx_options(method, dtype, output, keep_hooks)
         plugin = importlib.import_module(ONNX_PLUGIN)  # a plugin lookup by name: the core never imports it
@@ -132,6 +139,7 @@ def reconstruct(
         w, b = solve_adjoint(lin, cls, chunk_size, progress, **common)
     solved = time.perf_counter()
     meta = _meta(model, lin, chosen, basis if chosen == "basis" else None, seed, output)
+    meta["linearization"] = linearization
     meta.update(chunk_size=info.get("chunk"), memory=plan.meta(), solver=info)
     if decision:
         meta["auto"] = decision
@@ -151,6 +159,19 @@ def reconstruct(
     rec.linearized = lin  # verify's certified radius reuses it instead of probing again
     lin.source = weakref.ref(model)  # ... for the same model only
     return checked(rec, start, probed, solved)
+
+
+LINEARIZATIONS = ("value",)  # "tangent" (the Jacobian at x0) is planned: issue 12
+
+
+def check_linearization(linearization: Any) -> str:
+    """``linearization`` if it is a rule reconviz implements; InputError otherwise."""
+    if linearization == "tangent":
+        raise InputError("linearization='tangent' (the first-order Taylor model, W = the Jacobian at x0) is "
+                         "not implemented yet (issue 12); use linearization='value', the default")
+    if not isinstance(linearization, str) or linearization not in LINEARIZATIONS:
+        raise InputError(f"unknown linearization {linearization!r:.40}: choose 'value'")
+    return linearization
 
 
 ONNX_PLUGIN = "reconviz.onnx"  # reconstructs ONNX models; imported by name when one is given
@@ -217,7 +238,7 @@ def region_check(lin: LinearizedModel, rec: Reconstruction) -> SelfCheck:
     """f(x) vs W x + b at x = :func:`region_step`, probe by probe where every gate makes that
     probe's choice at x; a probe on a region boundary there is reported, not compared."""
     if lin.exactness != "region-exact":
-        return SelfCheck("region", None, None, rec.tolerance, "point-exact: gates frozen at their values, no region")
+        return SelfCheck("region", None, None, rec.tolerance, f"{POINT_EXACT}, no region")
     x = region_step(lin.probes)
     try:
         f, held = lin.model_at(x)

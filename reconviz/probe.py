@@ -25,8 +25,9 @@ from torch.overrides import TorchFunctionMode
 from . import affine
 from .errors import HooksRemovedWarning, InputError, ReconvizError, TrainingModeWarning, UnsupportedOperationError
 from .ops import check_call, check_result, input_dependent
-from .ops.registry import NO_GRAD_ADVICE
-from .ops.base import op_name, tensors_in
+from .ops.registry import NO_GRAD_ADVICE, composite_body
+from .ops.base import in_place, op_name, tensors_in
+from .ops.factors import FACTOR, Provenance, product_op
 from .ops.gates import Call, Gate, Prior, gate_for, gate_named
 
 __all__ = ["Probe", "probe", "record", "Recording", "check_dtype", "check_model", "eval_copy", "select_output", "check_probe_input"]
@@ -192,11 +193,18 @@ class GateMode(TorchFunctionMode):
     def __init__(self, work: nn.Module):
         super().__init__()
         self.work = work
+        self.products = 0  # product and division calls so far (the value rule's frozen factors)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        body = composite_body(func)
+        if body is not None:  # multi-head attention: its own Python body, every call seen
+            with self:
+                return body(*args, **kwargs)
         gate = gate_for(func)
-        if gate is None:
+        if gate is None or not gate.applies(func, args, kwargs):
+            if product_op(func) is not None:
+                self.products += 1
             return self.on_other(func, args, kwargs)
         if not args and "input" in kwargs:  # torch.relu(input=z): the gated tensor by keyword
             args, kwargs = (kwargs["input"],), {k: v for k, v in kwargs.items() if k != "input"}
@@ -229,6 +237,7 @@ class RecordMode(GateMode):
         self.activation_bytes = 0  # bytes of all op outputs: a footprint estimate
         self._seen: set[Any] = set()
         self.tail: list[tuple[Tensor, int]] | None = [] if keep_tail else None
+        self.provenance = Provenance()  # the value rule: which tensors are factors, or pending
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -285,16 +294,38 @@ class RecordMode(GateMode):
 
     def on_other(self, func, args, kwargs):
         path = current_path(self.work)
-        op = check_call(func, args, kwargs, path)
-        out = super().on_other(func, args, kwargs)
+        step = self.provenance.call(func, args, kwargs, path)
+        if step.frozen:  # a factor frozen at its value (the value rule): replayed at this call
+            self.priors.append(FACTOR.prior(func, step, path, self.products))
+        try:
+            op = check_call(func, step.args, step.kwargs, path)
+        except UnsupportedOperationError as e:  # a product of two input-dependent tensors: pending
+            step.defer(e)
+            if not torch.is_grad_enabled():
+                raise UnsupportedOperationError(op_name(func), path, NO_GRAD_ADVICE) from None
+            op = None
+        out = super().on_other(func, step.args, step.kwargs)
         if op is not None:
-            check_result(op, func, args, out, path)
+            check_result(op, func, step.args, out, path)
+        self._mark(func, args, out, step.out)
         return out
+
+    def _mark(self, func: Callable, args: tuple, out: Any, mark: Any) -> None:
+        """Give the call's output (and the tensor an in-place call wrote into) its mark."""
+        self.provenance.set(out, mark)
+        if args and isinstance(args[0], Tensor) and in_place(func):
+            self.provenance.set(args[0], mark)
 
     def on_gate(self, gate, call, path):
         if not input_dependent(call.z):  # F.relu(self.scale): a constant, replayed as written
+            if input_dependent((call.args, call.kwargs)):
+                raise UnsupportedOperationError(
+                    op_name(call.func), path, "the tensor it gates does not depend on the input but another "
+                    "argument does (scaled_dot_product_attention with constant values): freezing it would "
+                    "make the result a constant; compute it from the input's features")
             self.priors.append(self._prior(gate, call, path, {}, {}, 0, constant=True))
             return call.original()
+        mark = self.provenance.gate(gate, call.z, call.func, path)
         if not torch.is_grad_enabled():  # a frozen mask read under no_grad would leave autograd
             raise UnsupportedOperationError(op_name(call.func), path, NO_GRAD_ADVICE)
         if input_dependent(call.params):
@@ -306,6 +337,7 @@ class RecordMode(GateMode):
         out, tensors, params, ties = gate.record(call, self.n)
         _check_frozen(call, out, expected, path)
         self.priors.append(self._prior(gate, call, path, tensors, params, ties))
+        self._mark(call.func, call.args, out, mark)
         return out
 
     def _prior(self, gate: Gate, call: Call, path: str, tensors: dict, params: dict, ties: int,
@@ -482,9 +514,12 @@ def record(work: nn.Module, x: Tensor, output: OutputSelector, keep_tail: bool =
             with mode:
                 selected = select_output(work(start), output, x.shape[0])
                 mode.check_inputs(None, (selected,), "the selected output")
+                mode.provenance.check_output(selected)
         except ReconvizError:
             raise
         except MODEL_ERRORS as e:
+            if mode.provenance.first_pending is not None:  # it failed after a refused product ran on
+                raise mode.provenance.first_pending from e
             raise InputError(
                 f"the model failed on an input of shape {tuple(x.shape)}: {type(e).__name__}: {e}. reconviz "
                 "passes x as one batch (N, ...): check the input's shape, dtype and device"

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .basis import make_basis
 from .gates import Gate, Prior
-from .linearize import LinearizedModel, as_linearized
+from .linearize import POINT_EXACT, LinearizedModel, as_linearized
 from .probe import OutputSelector
 from .solve import basis_chunk, sample_size, sweep
 
@@ -50,9 +50,12 @@ class Radius:
     ties: int  # features exactly on a face that moves with the input (radius 0)
     equalities: int  # all exact ties at the probe, including between input-independent units
     nearest: list[Nearest | None] = field(default_factory=list)
+    why: str = ""  # why the radius is 0 without a tie (a point-exact linearization)
 
     def __str__(self) -> str:
         parts = [f"probe {i}: L2 {float(a):.4g}, Linf {float(b):.4g}" for i, (a, b) in enumerate(zip(self.l2, self.linf))]
+        if self.why:
+            return "; ".join(parts) + f" ({self.why}, no linear region)"
         return "; ".join(parts) + f" (ties on a moving face: {self.ties}; exact equalities: {self.equalities})"
 
 
@@ -96,7 +99,7 @@ def certified_radius(
     lin = as_linearized(model, x, dtype=dtype, output=output)
     if lin.exactness == "point-exact":
         zero = torch.zeros(lin.n_probes, dtype=lin.dtype)
-        return Radius(zero, zero.clone(), ties=0, equalities=0, nearest=[None] * lin.n_probes)
+        return Radius(zero, zero.clone(), ties=0, equalities=0, nearest=[None] * lin.n_probes, why=POINT_EXACT)
     acc = _Accumulator(lin.n_probes)
     with torch.no_grad():
         lin(lin.probes, observer=acc)

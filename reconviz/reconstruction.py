@@ -465,7 +465,8 @@ _META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cli": (_optional(_is(dict)), "an object"),
     "self_checks": (_optional(_is(list)), "a list"),
     "frozen": (_optional(_is(list)), "a list"),
-    **{k: (_optional(_is(str)), "a string") for k in ("method", "basis", "model", "logits_tensor", "input_name")},
+    **{k: (_optional(_is(str)), "a string")
+       for k in ("method", "basis", "model", "logits_tensor", "input_name", "linearization")},
 }
 
 

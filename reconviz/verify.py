@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import InputError
-from .linearize import LinearizedModel
+from .linearize import POINT_EXACT, LinearizedModel
 from .probe import OutputSelector, check_probe_input, select_output, eval_copy
 from .radius import Radius, certified_radius
 from .reconstruction import Reconstruction, relative_error
@@ -262,6 +262,9 @@ def verify(
     if jacobian and rec.exactness == "region-exact":
         report.jacobian_max_error = _jacobian_error(work, rec, output)
         report.jacobian_tolerance = tol * max(1.0, float(torch.as_tensor(rec.weight).abs().max()))
+    elif jacobian:
+        report.notes.append(f"W vs autograd Jacobian skipped: {POINT_EXACT} (W is a template of the model at "
+                            "x0, not its Jacobian), and the certified radius is 0")
     if radius is True or (radius == "auto" and math.prod(rec.sample_shape) <= RADIUS_AUTO_MAX):
         kept = kept_linearized(rec, model)  # the solve's own linearized network: no second probe
         report.radius = certified_radius(kept if kept is not None else model, rec.probes, dtype=dtype, output=output)

@@ -295,3 +295,130 @@ class RandomNet(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return self.head(x.flatten(1))
+
+
+# --------------------------------------------------------------------------
+# Gated blocks (issue 12, the value rule): small versions of modern classifiers' blocks
+# --------------------------------------------------------------------------
+
+
+def _randomize_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial affine weights for LayerNorm / GroupNorm (and BatchNorm statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return _init_bn(model, seed)
+
+
+class SqueezeExcite(nn.Module):
+    """x * gate(fc2(act(fc1(mean x)))): the scale multiplies the input-dependent x."""
+
+    def __init__(self, c: int, hidden: int, act: nn.Module, gate: nn.Module):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, hidden, 1), nn.Conv2d(hidden, c, 1)
+        self.act, self.gate = act, gate
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class InvertedResidual(nn.Module):
+    """Conv stem, then an inverted residual: 1x1 expand, act, depthwise 3x3, act,
+    squeeze-excitation (``se_act`` inside, ``gate`` scale), 1x1 project, residual; then a
+    linear head. Input 3x8x8."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self, act, se_act, gate, wide: int, stem_act: nn.Module, seed: int, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), stem_act)
+        self.expand = nn.Sequential(nn.Conv2d(8, wide, 1), nn.BatchNorm2d(wide), act())
+        self.depthwise = nn.Sequential(nn.Conv2d(wide, wide, 3, padding=1, groups=wide), nn.BatchNorm2d(wide), act())
+        self.se = SqueezeExcite(wide, wide // 4, se_act, gate)
+        self.project = nn.Sequential(nn.Conv2d(wide, 8, 1), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, classes)
+        _init_bn(self, seed)
+
+    def forward(self, x):
+        z = self.stem(x)
+        z = z + self.project(self.se(self.depthwise(self.expand(z))))
+        return self.head(F.adaptive_avg_pool2d(z, 1).flatten(1))
+
+
+def MobileNetV3Block() -> InvertedResidual:
+    """MobileNetV3: hardswish, ReLU inside a hardsigmoid squeeze-excitation."""
+    return InvertedResidual(nn.Hardswish, nn.ReLU(), nn.Hardsigmoid(), 16, nn.Identity(), seed=1)
+
+
+def MBConvBlock() -> InvertedResidual:
+    """EfficientNet MBConv: SiLU everywhere (the stem too), a sigmoid squeeze-excitation."""
+    return InvertedResidual(nn.SiLU, nn.SiLU(), nn.Sigmoid(), 24, nn.SiLU(), seed=2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise 7x7, LayerNorm over channels (permute to channels-last), 4x MLP with
+    GELU, layer scale, residual; patchify stem and a LayerNorm + linear head. Input 3x8x8."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self, classes: int = 4, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+        self.head_norm = nn.LayerNorm(c)
+        self.head = nn.Linear(c, classes)
+        _randomize_norms(self, 3)
+
+    def forward(self, x):
+        z = self.stem(x)
+        y = self.dwconv(z).permute(0, 2, 3, 1)  # (N, H, W, C)
+        y = self.gamma * self.mlp(self.norm(y))
+        z = z + y.permute(0, 3, 1, 2)
+        return self.head(self.head_norm(z.mean((2, 3))))
+
+
+class TinyViT(nn.Module):
+    """A ViT encoder: patch embedding by conv, class token, position embedding, pre-norm blocks
+    of nn.MultiheadAttention (eval) and a GELU MLP, final LayerNorm on the class token.
+    Input 3x8x8 (four 4x4 patches)."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self, classes: int = 4, d: int = 8, heads: int = 2, depth: int = 2):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.patch = nn.Conv2d(3, d, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d, generator=g) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, 5, d, generator=g) * 0.5)
+        self.blocks = nn.ModuleList(ViTLayer(d, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+        _randomize_norms(self, 4)
+
+    def forward(self, x):
+        z = self.patch(x).flatten(2).transpose(1, 2)  # (N, 4, d)
+        z = torch.cat([self.cls.expand(z.shape[0], -1, -1), z], dim=1) + self.pos
+        for block in self.blocks:
+            z = block(z)
+        return self.head(self.norm(z[:, 0]))
+
+
+class ViTLayer(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, z):
+        h = self.norm1(z)
+        z = z + self.attn(h, h, h)[0]
+        return z + self.mlp(self.norm2(z))
+
+
+GATED_BLOCKS = {"mobilenetv3": MobileNetV3Block, "mbconv": MBConvBlock, "convnext": ConvNeXtBlock, "vit": TinyViT}

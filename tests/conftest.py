@@ -144,3 +144,28 @@ def registered(gate):
 def pytest_terminal_summary(terminalreporter):
     for name, line in GENERATED.items():
         terminalreporter.write_line(f"reconviz: {name}: {line}")
+
+
+def value_oracle(oracle, x):
+    """(W, b) of the value rule's oracle: ``oracle`` is the model written with its frozen factors
+    ``.detach()``ed (z * torch.sigmoid(z).detach() for SiLU), so one forward pass at x is g's;
+    W is its autograd Jacobian at each probe, (N, K, *sample_shape), and b = f(x) - W x."""
+    import copy
+
+    m = copy.deepcopy(oracle).eval().double()
+    x = x.double().clone()
+    J = torch.autograd.functional.jacobian(lambda t: m(t).reshape(t.shape[0], -1), x)  # (N, K, N, *s)
+    W = torch.stack([J[i, :, i] for i in range(x.shape[0])])
+    with torch.no_grad():
+        f = m(x).reshape(x.shape[0], -1)
+    return W, f - (W.flatten(2) * x.flatten(1)[:, None]).sum(-1)
+
+
+def assert_value_rule(rec, oracle, x, rel=1e-9):
+    """rec's W and b equal the value oracle's to ``rel`` relative (of max(1, max |W|), of
+    max(1, |f|)); returns the largest relative difference of W."""
+    W, b = value_oracle(oracle, x)
+    w_err = float((rec.weight - W).abs().max()) / max(1.0, float(W.abs().max()))
+    b_err = float(((rec.bias - b[:, rec.classes]).abs() / b[:, rec.classes].abs().clamp_min(1)).max())
+    assert w_err <= rel and b_err <= rel, f"W off the oracle by {w_err:.2e}, b by {b_err:.2e} (relative)"
+    return w_err

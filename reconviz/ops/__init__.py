@@ -15,6 +15,7 @@ from .affine import AFFINE_OPS, Cast, Division, EvalOnly, Linear, Product, Shape
 from .base import Op, input_dependent, op_name
 from .refused import REFUSED_OPS, Random, Refused
 from .registry import check_call, check_result, classify, op_for, register_op, registered
+from . import smooth, factors  # noqa: E402,F401  (the value rule's gates, registered on import)
 
 __all__ = [
     "Op", "Linear", "Product", "Division", "Cast", "Shape", "EvalOnly", "Refused", "Random",

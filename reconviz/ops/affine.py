@@ -59,8 +59,12 @@ class Product(Linear):
         skip = {id(arg(args, kwargs, i, n)) for i, n in self.additive}
         factors = [t for a in (*args, *kwargs.values()) if id(a) not in skip for t in tensors_in(a)]
         if sum(t.requires_grad for t in factors) > 1:
-            self.refuse(func, path, "it multiplies two input-dependent tensors (x * x, attention, "
-                        "squeeze-excitation gating, a bilinear layer), which is not affine in the input")
+            self.refuse(func, path, "it multiplies two input-dependent tensors (x * x, a bilinear layer), "
+                        "which is not affine in the input, and neither factor comes from a saturating gate "
+                        "(sigmoid, hardsigmoid, tanh, softmax) that the value rule would freeze at its value; "
+                        "compute the gating factor through one of them, or reconstruct the part of the "
+                        "network before it (linearization='tangent', the Jacobian, is not implemented yet: "
+                        "issue 12)")
 
 
 class Division(Linear):
@@ -73,8 +77,9 @@ class Division(Linear):
     def check(self, func, args, kwargs, path):
         divisor = args[0] if func in self.reversed else arg(args, kwargs, 1, "other")
         if input_dependent(divisor):
-            self.refuse(func, path, "it divides by an input-dependent tensor, which is not affine "
-                        "(a normalization divides by an input statistic)")
+            self.refuse(func, path, "it divides a constant by an input-dependent tensor (a reciprocal), "
+                        "which is not affine; the value rule freezes a divisor only where it divides another "
+                        "input-dependent tensor (u / d -> u / d(x0), a normalization)")
         if kwargs.get("rounding_mode") is not None:
             self.refuse(func, path, f"rounding_mode={kwargs['rounding_mode']!r} rounds the quotient, "
                         "which is not affine")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedOperationError
 
-__all__ = ["Op", "tensors_in", "input_dependent", "arg", "callables_named", "op_name"]
+__all__ = ["Op", "tensors_in", "input_dependent", "arg", "callables_named", "op_name", "in_place"]
 
 # the namespaces whose functions an op's ``names`` resolve in
 NAMESPACES = (torch, Tensor, F, torch.special, torch.linalg, torch._C._nn)
@@ -42,7 +42,7 @@ def op_name(func: Callable) -> str:
     return f"Tensor.{name}" if cls in ("TensorBase", "Tensor") else name
 
 
-def _in_place(func: Callable) -> bool:
+def in_place(func: Callable) -> bool:
     """An in-place call (add_, __setitem__, __iadd__, copy_): its first argument is written into."""
     name = getattr(func, "__name__", "")
     return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
@@ -130,7 +130,7 @@ class Op:
         if self.constant_result:
             return
         source = next((t for t in tensors_in(args) if t.requires_grad), None)
-        written = [args[0]] if args and isinstance(args[0], Tensor) and _in_place(func) else []
+        written = [args[0]] if args and isinstance(args[0], Tensor) and in_place(func) else []
         for t in [*tensors_in(out), *written]:
             if not t.is_floating_point():
                 self.refuse(func, path, f"its result is a {t.dtype} tensor computed from the input "

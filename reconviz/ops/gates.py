@@ -45,7 +45,7 @@ from .base import op_name
 __all__ = [
     "Call", "Prior", "Gate", "ElementwiseGate", "ReLUGate", "ClampGate", "LeakyReLUGate", "PReLUGate",
     "ThresholdGate", "MaxPoolGate", "GATES", "gate_for", "gate_for_onnx", "gate_named", "register_gate",
-    "registered_gates", "per_probe",
+    "registered_gates", "per_probe", "tile_probes",
 ]
 
 
@@ -91,6 +91,22 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
     return kwargs.get(name, default)
 
 
+def tile_probes(value: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """A recorded probe value for a replay tensor of ``shape``: equal shapes as they are; else
+    the one dim d where ``shape[d] = r * value.shape[d]`` repeated r times (replay row i uses
+    probe row i % n, the layout of :func:`per_probe`)."""
+    shape = tuple(shape)
+    if tuple(value.shape) == shape:
+        return value
+    grown = [d for d, (a, b) in enumerate(zip(value.shape, shape)) if a != b]
+    if len(shape) != value.dim() or len(grown) != 1 or shape[grown[0]] % max(1, value.shape[grown[0]]):
+        raise ReplayMismatchError(f"a value frozen at the probe has shape {tuple(value.shape)}, but the "
+                                  f"replay gives shape {shape}: only a multiple of the probe batch is allowed")
+    reps = [1] * value.dim()
+    reps[grown[0]] = shape[grown[0]] // value.shape[grown[0]]
+    return value.repeat(*reps)
+
+
 def per_probe(t: Tensor, n: int) -> Tensor:
     """View a batch of B = r * n rows as (r, n, ...)."""
     if t.shape[0] % n:
@@ -111,6 +127,16 @@ class Gate:
     # value for value): the probe pass is then g's pass at x0, and its graph can be reused
     records_frozen: bool = False
     onnx_ops: tuple[str, ...] = ()  # ONNX op types this gate freezes (reconviz.onnx)
+    # the value rule (reconviz.ops.factors): the output of a saturating gate (sigmoid, tanh,
+    # hardsigmoid, softmax) is frozen at its value where it multiplies another input-dependent
+    # tensor; ``factor_only``: it may go nowhere else (softmax: no additive frozen form)
+    factor: bool = False
+    factor_only: bool = False
+
+    def applies(self, func: Callable, args: tuple, kwargs: dict) -> bool:
+        """Whether this call is the gate's (default: always); False sends it to the op registry
+        (F.instance_norm with running statistics is affine there)."""
+        return True
 
     def parse(self, func: Callable, args: tuple, kwargs: dict) -> Call:
         raise NotImplementedError

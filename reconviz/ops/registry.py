@@ -12,10 +12,13 @@ Functions) are refused: reconviz could not follow them.
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from . import gates as _gates
 from ..errors import InputError, UnsupportedOperationError
@@ -23,7 +26,7 @@ from .affine import AFFINE_OPS
 from .base import Op, input_dependent, op_name
 from .refused import REFUSED_OPS, UNKNOWN_ADVICE
 
-__all__ = ["register_op", "registered", "op_for", "classify", "check_call", "check_result"]
+__all__ = ["register_op", "registered", "op_for", "classify", "check_call", "check_result", "composite_body"]
 
 _BY_FUNC: dict[Any, Op] = {}
 _BY_ATEN: dict[str, Op] = {}
@@ -113,6 +116,28 @@ def check_call(func: Callable, args: tuple, kwargs: dict, path: str) -> Op | Non
 def check_result(op: Op, func: Callable, args: tuple, out: Any, path: str) -> None:
     """Raise when an input-dependent call's result is not a floating-point tensor."""
     op.check_result(func, args, out, path)
+
+
+# composite torch functions written in Python: the probe and the replay run their own body under
+# the gate mode, so that each call inside (projections, the softmax, the products) is classified
+COMPOSITES = (F.multi_head_attention_forward,)
+
+
+@lru_cache(maxsize=None)
+def _body(func: Callable) -> Callable:
+    """``func`` without its ``has_torch_function`` dispatch (which would hand it back whole)."""
+    scope = dict(func.__globals__, has_torch_function=lambda *a: False)
+    body = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    body.__kwdefaults__ = func.__kwdefaults__
+    return body
+
+
+def composite_body(func: Callable) -> Callable | None:
+    """The Python body of a composite function (:data:`COMPOSITES`), or None."""
+    try:
+        return _body(func) if func in COMPOSITES else None
+    except TypeError:  # unhashable callables are never composites
+        return None
 
 
 def _unknown_advice(func: Callable) -> str:

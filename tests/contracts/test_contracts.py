@@ -45,7 +45,11 @@ class Net(nn.Module):
 
 
 def _smooth(z):
-    return z * torch.sigmoid(z)  # SiLU written out: refused by the reconstruction family
+    return z * torch.sigmoid(z)  # SiLU written out: point-exact by the value rule (issue 12)
+
+
+def _square(z):
+    return z * z  # a product of two input-dependent tensors, neither from a gate: refused
 
 
 def _rec(model, x):
@@ -138,7 +142,15 @@ def test_model_untouched_after_a_bad_target(entry):
 def test_model_untouched_after_a_refused_operation(entry):
     """The refusal happens mid-forward, inside reconviz's modes: they and the copy's hooks go."""
     error = (rv.UnsupportedOperationError, rv.onnx.UnsupportedGraphError)
-    _assert_untouched(Net(act=_smooth).eval(), _probes(), ENTRIES[entry], 3, error=error)
+    _assert_untouched(Net(act=_square).eval(), _probes(), ENTRIES[entry], 3, error=error)
+
+
+@pytest.mark.parametrize("entry", RECONSTRUCTING)
+def test_model_untouched_after_a_point_exact_reconstruction(entry, tmp_path, monkeypatch):
+    """The SiLU written out (refused before the value rule) is frozen point-exactly: the
+    reconstructing entry points succeed and leave the model as it was."""
+    monkeypatch.chdir(tmp_path)
+    _assert_untouched(Net(act=_smooth).eval(), _probes(), ENTRIES[entry], 3)
 
 
 def test_every_public_entry_point_that_takes_a_model_is_covered():

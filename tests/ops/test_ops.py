@@ -14,7 +14,7 @@ import reconviz as rv
 from reconviz.ops import AFFINE_OPS, REFUSED_OPS, Linear, Refused, classify, registered
 from reconviz.ops.base import callables_named
 
-from conftest import assert_exact, snapshot
+from conftest import assert_exact, assert_value_rule, snapshot
 
 C = torch.arange(1.0, 7.0, dtype=torch.float64).reshape(1, 1, 1, 6) / 7  # a constant operand
 MASK = torch.tensor([True, False, True, False, False, True]).reshape(1, 1, 1, 6)
@@ -123,10 +123,8 @@ def test_allowlisted_call_is_affine_and_reconstructs_exactly(name):
 
 
 REFUSED_CALLS = {
-    "sigmoid": (lambda z: torch.sigmoid(z), "sigmoid"),
     "x * x": (lambda z: z * z, "Tensor.mul"),
     "division by z": (lambda z: 1.0 / (z.abs() + 1), "Tensor.abs"),
-    "divide by input": (lambda z: z / (z + 10), "Tensor.div"),
     "floor division": (lambda z: torch.div(z, 2, rounding_mode="floor"), "div"),
     "comparison": (lambda z: z * (z > 0), "Tensor.gt"),
     "cast to int": (lambda z: z.long().double(), "Tensor.long"),
@@ -159,8 +157,31 @@ REFUSED_CALLS = {
     "sum to float16": (lambda z: z.sum(1, keepdim=True, dtype=torch.float16).double() + z, "Tensor.sum"),
     "trapezoid over input": (lambda z: z + torch.trapezoid(z, z, dim=-1).unsqueeze(-1), "trapezoid"),
     "einsum of a list": (lambda z: torch.einsum("nchw,nchw->nchw", [z, z]), "einsum"),
-    "instance norm": (lambda z: F.instance_norm(z), "instance_norm"),
 }
+
+# refused before the value rule (issue 12), accepted since: point-exact, and W, b those of the oracle,
+# the call written with its frozen factor detached (sigmoid: its secant through 0)
+POINT_EXACT_CALLS = {
+    "sigmoid": (lambda z: torch.sigmoid(z), lambda z: 0.5 + ((torch.sigmoid(z) - 0.5) / z).detach() * z),
+    "divide by input": (lambda z: z / (z + 10), lambda z: z / (z + 10).detach()),
+    "instance norm": (lambda z: F.instance_norm(z), lambda z: (z - z.mean((2, 3), keepdim=True)) * torch.rsqrt(
+        z.var((2, 3), unbiased=False, keepdim=True) + 1e-5).detach()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POINT_EXACT_CALLS))
+def test_value_rule_call_is_accepted_point_exact_with_the_oracle(name):
+    fn, frozen = POINT_EXACT_CALLS[name]
+    model, oracle = _model(fn), _model(frozen)
+    oracle.load_state_dict(model.state_dict())
+    probe = torch.randn(2, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = snapshot(model)
+    for method in ("adjoint", "basis"):
+        rec = rv.reconstruct(model, probe, method=method)
+        assert rec.exactness == "point-exact"
+        assert assert_exact(rec, model) <= 1e-9
+        assert_value_rule(rec, oracle, probe)
+    assert snapshot(model) == before
 
 
 @torch.jit.script
@@ -220,11 +241,11 @@ def test_non_affine_call_is_refused_by_name_with_module_path(name):
 def test_a_refusal_names_the_module_path():
     class Inner(nn.Module):
         def forward(self, z):
-            return torch.tanh(z)
+            return torch.exp(z)  # (tanh until the value rule froze it)
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.ReLU(), Inner()), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 1, 6, 6))
-    with pytest.raises(rv.UnsupportedOperationError, match=r"'tanh' called in module '1\.1'"):
+    with pytest.raises(rv.UnsupportedOperationError, match=r"'exp' called in module '1\.1'"):
         rv.reconstruct(model.eval(), torch.randn(1, 1, 6, 6))
 
 
@@ -238,7 +259,8 @@ def test_every_listed_name_resolves_to_a_torch_callable():
 def test_classify_knows_gates_affine_refused_and_unknown():
     assert classify(torch.relu) == "gate" and classify(F.max_pool2d) == "gate"
     assert classify(torch.add) == "affine" and classify(torch.Tensor.__getitem__) == "affine"
-    assert classify(torch.sigmoid) == "refused" and classify(torch.Tensor.detach) == "refused"
+    assert classify(torch.exp) == "refused" and classify(torch.Tensor.detach) == "refused"
+    assert classify(torch.sigmoid) == "gate" and classify(F.layer_norm) == "gate"  # the value rule
     assert classify(torch.logdet) == "unknown"
     assert classify(torch.ops.aten.add.Tensor) == "affine"
 
