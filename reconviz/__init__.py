@@ -24,6 +24,7 @@ from .pipeline import reconstruct
 from .radius import Radius, certified_radius
 from .reconstruction import FrozenOp, Reconstruction, tolerance_for
 from .verify import VerificationReport, VerifyBackend, verify
+from .report import report  # the function: it shadows the submodule reconviz.report
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,7 @@ __all__ = [
     "Basis", "make_basis", "ExactnessError", "HooksRemovedWarning", "InputError", "ReconvizError", "ReplayMismatchError",
     "TrainingModeWarning", "UnsupportedOperationError", "Gate", "Prior", "register_gate", "registered_gates",
     "LinearizedModel", "linearize", "reconstruct", "Radius", "certified_radius", "Reconstruction",
-    "FrozenOp", "tolerance_for", "VerificationReport", "VerifyBackend", "verify", "__version__",
+    "FrozenOp", "tolerance_for", "VerificationReport", "VerifyBackend", "verify", "report", "__version__",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The ``reconviz`` command line: ``demo``, ``reconstruct``, ``verify``, ``show``.
+"""The ``reconviz`` command line: ``demo``, ``reconstruct``, ``verify``, ``show``, ``report``.
 
 Argument parsing and one function per command: models, inputs and saved
 reconstructions are loaded by :mod:`reconviz.io`; the work is the library's
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[debug], help="reconstruct the bundled digits model and plot it",
                        description="Reconstruct the bundled 8x8 digits CNN at the first test digit of "
                                    "each class, verify it (the paper's Table 1 view), and write the "
-                                   "class templates, contribution maps and a gradient saliency figure.")
+                                   "class templates, contribution maps, a gradient saliency figure and "
+                                   "report.html (the whole story on one self-contained HTML page).")
     p.add_argument("--out", default="reconviz-demo", metavar="DIR", help="output folder (default: reconviz-demo/)")
     p.set_defaults(func=cmd_demo)
 
@@ -149,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "into --out. MODEL is a TorchScript file, an ONNX file, or a state_dict .pt "
                     "with --arch.",
     )
-    p.add_argument("model", metavar="MODEL", help="TorchScript .pt, ONNX .onnx, or state_dict .pt (with --arch)")
-    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files (PNG, JPEG, ...) or .npy arrays")
+    _model_and_inputs(p, "TorchScript .pt, ONNX .onnx, or state_dict .pt (with --arch)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     g = p.add_argument_group("reconstruction")
     g.add_argument("--classes", default=None, metavar="LIST|top-K",
@@ -201,7 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", metavar="NAMES", default=None,
                    help="comma-separated class names, or a text file with one name per line")
     p.set_defaults(func=cmd_show)
+
+    # report -----------------------------------------------------------------
+    p = sub.add_parser(
+        "report", parents=[debug, model_opts, input_opts],
+        help="write one self-contained HTML report of a model reconstructed at input files",
+        description="Reconstruct MODEL (a PyTorch model: a state_dict .pt with --arch, or a pickled module "
+                    "with --unsafe-pickle) at the INPUT files, verify it, and write one self-contained HTML "
+                    "page: the model, the equivalence table, templates, contribution and saliency maps with "
+                    "their faithfulness metrics.",
+    )
+    _model_and_inputs(p, "state_dict .pt (with --arch) or a pickled module")
+    p.add_argument("--out", default="report.html", metavar="FILE",
+                   help="the HTML file (default report.html; a folder gets report.html inside)")
+    p.add_argument("--classes", default=None, metavar="LIST|top-K", help="classes to reconstruct (as for reconstruct)")
+    p.add_argument("--top", type=_positive_int, default=3, metavar="K", help="classes shown per probe (default 3)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "both"], default="torch",
+                   help="verify in PyTorch (default), onnxruntime, or both")
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+def _model_and_inputs(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files (PNG, JPEG, ...) or .npy arrays")
 
 
 # ---------------------------------------------------------------------------
@@ -220,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
+        args.command_line = shlex.join(["reconviz", *argv])
         return int(args.func(args))
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
@@ -485,6 +510,7 @@ def _saliency_figure(model: Any, x: Any, rec: Any, names: list[str], targets: li
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import reconviz as rv
+    from .report import render, write
 
     out = _out_dir(args.out)
     start = time.perf_counter()
@@ -498,13 +524,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(report)
 
     written = [rec.save(out / REC_NAME), *_write_report(report, out)]
-    written += _figures(rec, out, names, range(len(labels)), [f"digit{names[c]}" for c in labels])
+    page = render(model, x, rec=rec, verification=report, class_names=names, top=len(names), figure_dir=out,
+                  labels=[f"digit{names[c]}" for c in labels], command=args.command_line)  # draws the figures
+    written += page.figures
     written += [
         _save(_saliency_figure(model, x, rec, names, labels), out / "saliency.png", dpi=110, bbox_inches="tight"),
         _save(rv.plot.overview(model, x, rec, probe=0, class_names=names, path=str(out / "overview.png")),
               out / "overview.png"),
-        _save(rv.plot.equivalence(report, path=str(out / "equivalence.png")), out / "equivalence.png"),
     ]
+    write(page, out / "report.html")
+    written.append(out / "report.html")
     _print_written(written, out)
     verdict = "PASS" if report.ok else "FAIL"
     print(f"\n{verdict}: f(x) = W x + b reproduces all {rec.n_classes} logits at {rec.n_probes} digits "
@@ -581,6 +610,37 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"(tolerance {rec.tolerance:g})")
     _print_written(_figures(rec, out, names, probes, [f"probe{n}" for n in probes]), out)
     return EXIT_PASS
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import reconstruct, report
+
+    loaded = _model(args)
+    if not loaded.is_torch:
+        raise UsageError(f"the report runs saliency maps in PyTorch; the {loaded.describe()} {args.model} is not "
+                         "a PyTorch model: pass a state_dict .pt with --arch (or a pickled module)")
+    path = _report_path(args.out)
+    x = load_inputs(args.inputs, **preprocessing(args))
+    names = load_class_names(args.class_names)
+    classes = parse_classes(args.classes, lambda: loaded.logits(x, _output_selector(args.output), None))
+    _check_names(names, classes)
+    rec = reconstruct(loaded.module, x, classes=classes, output=_output_selector(args.output))
+    _check_names(names, rec.classes.tolist())
+    verification = _verify(loaded, rec, None, args, names, None)
+    print(verification)
+    report(loaded.module, x, path, rec=rec, verification=verification, class_names=names, top=args.top,
+           command=args.command_line)
+    _print_written([path], path.parent)
+    return EXIT_PASS if verification.ok else EXIT_FAIL
+
+
+def _report_path(text: str) -> Path:
+    """The report's file: ``text``, or ``text/report.html`` for a folder; its folder checked writable."""
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", "\\")):
+        path = path / "report.html"
+    _out_dir(path.parent)
+    return path
 
 
 if __name__ == "__main__":  # pragma: no cover

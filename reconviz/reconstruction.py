@@ -378,6 +378,12 @@ class Reconstruction:
             t["weight"] = mapped.tensor
         return cls(t["weight"], t["bias"], t["classes"], t["logits"], t["probes"], meta, mapped=mapped)
 
+    def _repr_html_(self) -> str:
+        """Notebooks: the key facts and the first probe's top-class template."""
+        from .htmlparts import reconstruction_html
+
+        return reconstruction_html(self)
+
     def __repr__(self) -> str:
         m = self.meta
         return (

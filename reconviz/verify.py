@@ -120,6 +120,12 @@ class VerificationReport:
     def __str__(self) -> str:
         return format_report(self)
 
+    def _repr_html_(self) -> str:
+        """Notebooks: the verdict, the comparisons and the checks."""
+        from .htmlparts import verification_html
+
+        return verification_html(self)
+
 
 def _finite(v: Any) -> Any:
     """``v`` with every non-finite float replaced (json.dumps never hands floats to ``default``)."""

@@ -75,6 +75,15 @@ def test_demo_writes_figures(demo):
     assert all(pngs[n] > 5_000 for n in templates + contributions)
 
 
+def test_demo_writes_the_html_report(demo):
+    proc, out, _ = demo
+    page = out / "report.html"
+    assert str(page.resolve()) in proc.stdout
+    assert page.stat().st_size < 3_000_000  # the issue's limit for the digits demo report
+    text = page.read_text(encoding="utf-8")
+    assert "<code>reconviz demo --out " in text and text.count('<section id="probe-') == 10
+
+
 def test_demo_reconstruction_and_report(demo):
     _, out, _ = demo
     rec = rv.Reconstruction.load(out / "reconstruction.npz")

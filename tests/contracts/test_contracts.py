@@ -82,11 +82,12 @@ ENTRIES: dict[str, Callable] = {
     "onnx.export_torch": lambda m, x, t: rv.onnx.export_torch(m, x.numpy())[0],
     "onnx.onnxruntime_columns": lambda m, x, t: rv.onnx.onnxruntime_columns(m, _rec(m, x), x),
     "plot.overview": lambda m, x, t: rv.plot.overview(m, x, _rec(m, x)),
+    "report": lambda m, x, t: rv.report(m, x, "report.html", classes=[t], top=1),
 }
 
 # the entry points that reconstruct (and so refuse a non-piecewise-linear op)
 RECONSTRUCTING = ("reconstruct", "reconstruct basis", "linearize", "certified_radius", "verify", "template",
-                  "verify onnxruntime", "onnx.onnxruntime_columns")
+                  "verify onnxruntime", "onnx.onnxruntime_columns", "report")
 
 
 def _probes() -> torch.Tensor:
