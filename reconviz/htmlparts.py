@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 __all__ = ["esc", "num", "png_uri", "img", "table", "facts", "map_png", "image_png", "page",
-           "reconstruction_html", "verification_html", "verdict", "Raw", "Short", "as_chw"]
+           "reconstruction_html", "verification_html", "verdict", "Raw", "Short", "as_chw", "result_html", "HtmlRepr"]
 
 DIVERGING, SEQUENTIAL = "RdBu_r", "inferno"  # the colour maps of reconviz.plot
 
@@ -257,3 +257,43 @@ def verification_html(report: Any) -> str:
     pairs += [(f"self-check: {c.name}", Raw(verdict(c.passed))) for c in report.self_checks]
     return (f'<div class="rv-summary"><strong>VerificationReport</strong>{facts(pairs)}'
             f"{table(COMPARISON_HEADERS, comparison_rows(report), label='comparisons')}</div>")
+
+
+# --------------------------------------------------------------------------
+# the other result objects: a dataclass's fields as a table
+# --------------------------------------------------------------------------
+
+SHOWN_VALUES = 8  # a tensor of at most this many values is shown in full, a larger one summarised
+
+
+def field_text(v: Any) -> Any:
+    """A field's cell: small tensors and arrays in full, larger ones as shape, dtype, min, mean, max."""
+    if hasattr(v, "detach"):  # a torch tensor, without importing torch here
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        if v.size <= SHOWN_VALUES:
+            return np.array2string(v, separator=", ", formatter={"float_kind": lambda t: f"{t:.6g}"})
+        f = v.astype(np.float64)
+        return (f"shape {tuple(v.shape)}, {v.dtype}: min {np.nanmin(f):.4g}, mean {np.nanmean(f):.4g}, "
+                f"max {np.nanmax(f):.4g}")
+    if isinstance(v, (list, tuple)) and len(v) > SHOWN_VALUES:
+        return f"{type(v).__name__} of {len(v)}: {', '.join(map(str, v[:SHOWN_VALUES]))}, ..."
+    return "None" if v is None else v
+
+
+def result_html(obj: Any) -> str:
+    """A dataclass result (Radius, Curve, OcclusionResult, ...) as a summary table of its fields,
+    headed by its class name and the first line of its docstring."""
+    import dataclasses
+
+    doc = (type(obj).__doc__ or "").strip().splitlines()
+    pairs = [(f.name, field_text(getattr(obj, f.name))) for f in dataclasses.fields(obj)]
+    return (f'<div class="rv-summary"><strong>{esc(type(obj).__name__)}</strong> {esc(doc[0] if doc else "")}'
+            f"{facts(pairs, caption=type(obj).__name__ + ' fields')}</div>")
+
+
+class HtmlRepr:
+    """Mixin for the result dataclasses: notebooks show them as a table of their fields."""
+
+    def _repr_html_(self) -> str:
+        return result_html(self)

@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .saliency._common import Attribution, InputError, Target, as_baseline, attribution, check_input
+from .htmlparts import HtmlRepr
 
 __all__ = [
     "completeness",
@@ -140,7 +141,7 @@ def _masked_scores(a: Attribution, masks: list[tuple[int, Tensor]], baseline: fl
 
 
 @dataclass(frozen=True)
-class PredictionDifference:
+class PredictionDifference(HtmlRepr):
     """Result of :func:`prediction_difference` (all tensors (N,) unless noted).
 
     Attributes:
@@ -270,7 +271,7 @@ def prediction_difference(
 
 
 @dataclass(frozen=True)
-class Curve:
+class Curve(HtmlRepr):
     """A deletion or insertion curve.
 
     Attributes:

@@ -26,6 +26,7 @@ from .gates import Gate, Prior
 from .linearize import POINT_EXACT, LinearizedModel, as_linearized
 from .probe import OutputSelector
 from .solve import basis_chunk, sample_size, sweep
+from .htmlparts import HtmlRepr
 
 __all__ = ["Radius", "certified_radius", "boundary_direction"]
 
@@ -42,7 +43,7 @@ class Nearest:
 
 
 @dataclass
-class Radius:
+class Radius(HtmlRepr):
     """Certified radii per probe: ``l2`` and ``linf`` (N,), ties, nearest face."""
 
     l2: Tensor

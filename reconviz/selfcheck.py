@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .errors import ExactnessError
+from .htmlparts import HtmlRepr
 
 __all__ = ["SelfCheck", "affinity_point", "compare_outputs", "raise_if_failed", "relative_error"]
 
@@ -37,7 +38,7 @@ def relative_error(a: Tensor, ref: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class SelfCheck:
+class SelfCheck(HtmlRepr):
     """One self-check: ``passed`` is None when it was skipped (``detail`` says why)."""
 
     name: str  # "affinity" or "region"

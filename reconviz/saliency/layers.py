@@ -70,6 +70,7 @@ from ..errors import TrainingModeWarning, UnsupportedOperationError
 from ..ops.base import op_name
 from ..ops.gates import Call, Gate
 from ..probe import GateMode, eval_copy
+from ..htmlparts import HtmlRepr
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
@@ -245,7 +246,7 @@ def layer_gradients(
 
 
 @dataclass(frozen=True)
-class ReceptiveField:
+class ReceptiveField(HtmlRepr):
     """The input pixels connected to each unit (spatial position) of one layer output.
 
     Attributes:

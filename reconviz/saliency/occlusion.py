@@ -32,12 +32,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._common import Attribution, Hooks, InputError, as_baseline, attribution, named_module
+from ..htmlparts import HtmlRepr
 
 __all__ = ["occlusion", "OcclusionResult", "patch_positions"]
 
 
 @dataclass(frozen=True)
-class OcclusionResult:
+class OcclusionResult(HtmlRepr):
     """Everything :func:`occlusion` measured (returned with ``feature=`` or ``full=True``).
 
     Attributes:
