@@ -114,6 +114,7 @@ class LinearizedModel(nn.Module):
         self.activation_bytes = found.activation_bytes
         self._graph = found.graph
         self._tail = found.tail
+        self._cut: tuple[Tensor | None] | None = None  # head_cut's answer, once found
 
     # facts ----------------------------------------------------------------
     @property
@@ -156,11 +157,11 @@ class LinearizedModel(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_graph"] = state["_tail"] = None  # the probe pass's graph is not copied (nor can it be)
+        state["_graph"] = state["_tail"] = state["_cut"] = None  # the probe pass's graph is not copied (nor can it be)
         return state
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LinearizedModel":
-        self._graph = self._tail = None  # a moved or cast model no longer matches the kept graph
+        self._graph = self._tail = self._cut = None  # a moved or cast model no longer matches the kept graph
         return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -172,13 +173,20 @@ class LinearizedModel(nn.Module):
         """The probe pass's (x0 leaf, g(x0) with its graph), once; None if not kept.
 
         Handing it over frees it here: a reverse-mode solve then owns (and frees) it."""
-        graph, self._graph, self._tail = self._graph, None, None
+        graph, self._graph, self._tail, self._cut = self._graph, None, None, None
         return graph
 
     def head_cut(self) -> Tensor | None:
         """The narrowest tensor h of the kept graph through which every path from the outputs
         back to the input runs, made after the last gate: g = A h(x) + c with A constant (the
-        affine head; :mod:`reconviz.solve.head`). None without a kept graph or such a tensor."""
+        affine head; :mod:`reconviz.solve.head`). None without a kept graph or such a tensor.
+        Found once (a walk over the graph) and kept with the graph: ``auto`` and the head solve
+        both ask."""
+        if self._cut is None:
+            self._cut = (self._narrowest_cut(),)
+        return self._cut[0]
+
+    def _narrowest_cut(self) -> Tensor | None:
         if self._graph is None or not self._tail:
             return None
         x, out = self._graph
