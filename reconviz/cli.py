@@ -157,9 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", default=None, metavar="LIST|top-K",
                    help="classes to reconstruct: comma-separated indices, top-K (the K largest logits "
                         "of each probe), or all (default)")
-    g.add_argument("--method", choices=["auto", "basis", "adjoint"], default="auto",
+    g.add_argument("--method", choices=["auto", "basis", "adjoint", "head"], default="auto",
                    help="basis: the paper's orthogonal-basis solve; adjoint: one backward pass per "
-                        "class; auto: the cheaper (default)")
+                        "class; head: through the affine head's narrowest cut; auto: the cheapest "
+                        "(default)")
+    g.add_argument("--linearization", choices=["value", "tangent"], default="value",
+                   help="value: gates frozen at their values (default; region-exact on piecewise-linear "
+                        "nets); tangent: the Jacobian at the input (PyTorch models)")
     g.add_argument("--basis", choices=["identity", "hadamard", "random"], default="identity",
                    help="orthonormal basis of the basis solve (default: identity, one by one)")
     g.add_argument("--dtype", choices=["float64", "float32"], default=None,
@@ -342,10 +346,13 @@ def _reconstruct(loaded: LoadedModel, x: Any, args: argparse.Namespace, classes:
         dtype = torch.float32 if args.dtype == "float32" else torch.float64
         return reconstruct(loaded.module, x, classes=classes, method=args.method, basis=args.basis,
                            dtype=dtype, chunk_size=args.chunk_size, seed=args.seed,
-                           output=_output_selector(args.output))
-    if args.method == "adjoint":
-        raise UsageError(f"--method adjoint needs a PyTorch model; the {loaded.describe()} is "
+                           output=_output_selector(args.output), linearization=args.linearization)
+    if args.method in ("adjoint", "head"):
+        raise UsageError(f"--method {args.method} needs a PyTorch model; the {loaded.describe()} is "
                          "reconstructed with the basis method")
+    if args.linearization != "value":
+        raise UsageError(f"--linearization {args.linearization} needs a PyTorch model; the "
+                         f"{loaded.describe()} is reconstructed under the value rule")
     if args.dtype == "float64":
         raise UsageError("ONNX models are reconstructed in float32 (onnxruntime's CPU convolution has no "
                          "float64 kernel): drop --dtype, or use a state_dict with --arch for float64")

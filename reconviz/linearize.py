@@ -21,10 +21,13 @@ from .ops.factors import FACTOR, product_op
 from .ops.gates import Call, Gate, Prior, gate_named
 from .probe import MODEL_ERRORS, GateMode, OutputSelector, Probe, current_path, probe, select_output
 
-__all__ = ["LinearizedModel", "linearize", "ReplayMode", "POINT_EXACT"]
+__all__ = ["LinearizedModel", "TangentModel", "linearize", "ReplayMode", "POINT_EXACT", "LINEARIZATIONS"]
+
+LINEARIZATIONS = ("value", "tangent")
 
 # why a point-exact result has no certified radius, no region check and no Jacobian check
 POINT_EXACT = "point-exact: gates frozen at their values"
+POINT_EXACT_TANGENT = "point-exact: the first-order Taylor model at x0 (tangent rule)"
 
 Observer = Callable[[int, Gate, Prior, Tensor], None]
 
@@ -140,6 +143,11 @@ class LinearizedModel(nn.Module):
         (g = f at x0 only, and W is not the Jacobian)."""
         gated = (gate_named(p.gate) for p in self.priors if not p.constant)
         return "region-exact" if all(g.region_exact for g in gated) else "point-exact"
+
+    @property
+    def why_point_exact(self) -> str:
+        """Why g = f at x0 only (the rule's words, for reports)."""
+        return POINT_EXACT
 
     @property
     def n_outputs(self) -> int:
@@ -261,6 +269,70 @@ def _all_paths_through(h: Tensor, out: Tensor, x: Tensor) -> bool:
     return True
 
 
+class TangentModel(LinearizedModel):
+    """The "tangent" rule: g(x) = f(x0) + J (x - x0), J the Jacobian of the model at x0.
+
+    It runs the model itself (no gate frozen): the forward is a forward-mode product
+    (``torch.func.jvp``), so the basis solve gets J's columns, and the kept graph is the
+    model's own pass at x0, so the adjoint gets J's rows; the affinity self-check then
+    compares the two. The probe's priors stay for the record (what the value rule would
+    freeze, the op classification that refuses what is not differentiable or not known).
+    Point-exact: g(x0) = f(x0), and g = f to first order only."""
+
+    def __init__(self, found: Probe, keep_graph: bool = False):
+        super().__init__(found)
+        self._graph = self._tail = None  # the probe pass was the value rule's: not this g
+        if keep_graph:
+            x = self.probes.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                self._graph = (x, self._model(x.clone()))
+
+    @property
+    def exactness(self) -> str:
+        return "point-exact"
+
+    @property
+    def why_point_exact(self) -> str:
+        return POINT_EXACT_TANGENT
+
+    def _model(self, x: Tensor) -> Tensor:
+        try:
+            return select_output(self.work(x), self.output, x.shape[0])
+        finally:
+            self.work._reconviz_stack.clear()  # type: ignore[attr-defined]
+
+    def forward(self, x: Tensor, observer: Observer | None = None, mode: type = ReplayMode) -> Tensor:
+        x = self._check(x)
+        x0 = self.probes.repeat(x.shape[0] // self.n_probes, *(1,) * len(self.sample_shape))
+        f = lambda z: self._model(z.clone())  # noqa: E731  (in-place ops never reach z)
+        if self._forward_ad:
+            try:
+                out, tangent = torch.func.jvp(f, (x0,), (x - x0,))
+                return out + tangent
+            except NotImplementedError:  # an op without forward-mode AD (a fused inference kernel)
+                self._forward_ad = False
+        out, tangent = _jvp_by_reverse(f, x0, x - x0)
+        return out + tangent
+
+    _forward_ad = True
+
+    def model_at(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError("the tangent rule has no region: nothing to hold")
+
+
+def _jvp_by_reverse(f: Callable[[Tensor], Tensor], x0: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(f(x0), J v) by two reverse passes: J v = d/du <J^T u, v> (the double-backward trick), for
+    models with an op that forward-mode AD lacks. x0 requires grad here, which also keeps
+    torch's no-grad inference fast paths (e.g. nn.MultiheadAttention's) out of the pass."""
+    with torch.enable_grad():
+        x0 = x0.detach().requires_grad_(True)
+        out = f(x0)
+        u = torch.zeros_like(out, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(out, x0, u, create_graph=True)
+        (jv,) = torch.autograd.grad(jt_u, u, v, create_graph=v.requires_grad)
+    return out.detach(), jv
+
+
 def linearize(
     model: nn.Module,
     x: Tensor,
@@ -269,8 +341,13 @@ def linearize(
     output: OutputSelector = None,
     keep_graph: bool = False,
     keep_hooks: bool = False,
+    linearization: str = "value",
 ) -> LinearizedModel:
     """Probe ``model`` at ``x`` (N, ...) and return the network with its gates frozen.
+
+    ``linearization``: ``"value"`` (gates frozen at their values: :class:`LinearizedModel`) or
+    ``"tangent"`` (the first-order Taylor model, :class:`TangentModel`; on a piecewise-linear
+    net the two coincide, and the value rule's region-exact model is returned).
 
     ``keep_graph``: keep the probe pass's autograd graph for one reverse-mode solve
     (:meth:`LinearizedModel.take_graph`). ``keep_hooks``: run the model's own forward
@@ -279,9 +356,22 @@ def linearize(
     >>> lin = linearize(model, x)      # doctest: +SKIP
     >>> torch.allclose(lin(x), model(x).double())   # g(x0) = f(x0)   # doctest: +SKIP
     """
-    return LinearizedModel(
-        probe(model, x, dtype=dtype, output=output, keep_graph=keep_graph, keep_hooks=keep_hooks)
-    )
+    check_linearization(linearization)
+    tangent = linearization == "tangent"
+    found = probe(model, x, dtype=dtype, output=output, keep_graph=keep_graph, keep_hooks=keep_hooks)
+    lin = LinearizedModel(found)
+    if tangent and lin.exactness == "point-exact":
+        lin.take_graph()
+        return TangentModel(found, keep_graph=keep_graph)
+    return lin
+
+
+def check_linearization(linearization: Any) -> str:
+    """``linearization`` if it is a rule reconviz implements; InputError otherwise."""
+    if not isinstance(linearization, str) or linearization not in LINEARIZATIONS:
+        raise InputError(f"unknown linearization {linearization!r:.40}: choose 'value' (the default) or "
+                         "'tangent'")
+    return linearization
 
 
 def as_linearized(model_or_lin: nn.Module, x: Tensor | None, **kw: Any) -> LinearizedModel:

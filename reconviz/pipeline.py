@@ -15,8 +15,9 @@ from torch import Tensor
 
 from .basis import BASES, Basis, make_basis
 from .errors import InputError
-from .linearize import POINT_EXACT, LinearizedModel, as_linearized
-from .probe import OutputSelector
+from .linearize import LINEARIZATIONS, LinearizedModel, as_linearized, check_linearization
+from .layer import layer_tail
+from .probe import OutputSelector, check_dtype
 from .reconstruction import Reconstruction, frozen_summary, tolerance_for
 from .selfcheck import SelfCheck, affinity_point, compare_outputs, raise_if_failed
 from .solve import (
@@ -51,6 +52,7 @@ def reconstruct(
     progress: bool | None = None,
     keep_hooks: bool = False,
     linearization: str = "value",
+    layer: str | None = None,
 ) -> Reconstruction:
     """Reconstruct the exact affine model ``f(x) = W x + b`` of ``model`` at each probe.
 
@@ -92,11 +94,18 @@ def reconstruct(
         progress: show a progress bar (default: on a terminal, for long solves).
         keep_hooks: run the model's own forward hooks on reconviz's copy (default:
             the copy has none, so a hook cannot change your objects).
-        linearization: ``"value"`` (the only rule so far): piecewise-linear gates keep
-            their masks and switches (region-exact), smooth gates and the factors of
-            products and divisions are frozen at their value at x0 (point-exact; see
-            docs/exactness.md). ``"tangent"`` (the Jacobian at x0) is not implemented yet
-            (issue 12): InputError.
+        linearization: ``"value"`` (default): piecewise-linear gates keep their masks and
+            switches (region-exact), smooth gates and the factors of products and divisions
+            are frozen at their value at x0 (point-exact). ``"tangent"``: the first-order
+            Taylor model at x0, W = the Jacobian of the model there, b = f(x0) - W x0
+            (point-exact; on a piecewise-linear net the two rules coincide and the result is
+            the value rule's, region-exact). See docs/exactness.md.
+        layer: reconstruct from that module's output to the logits instead of from the
+            input (a name from ``model.named_modules()``; ``"name#k"``: its k-th call): W has
+            the layer's activation shape, ``rec.probes`` are the activations at ``x``,
+            ``rec.inputs`` is ``x``, and ``sum(W_c * a) + b_c`` is logit c exactly, so
+            ``rec.contributions()`` are the units' exact contributions (b_c holds the rest,
+            including paths that bypass the layer). See :mod:`reconviz.layer`.
 
     Returns:
         A :class:`Reconstruction` whose ``meta`` records the measured error at
@@ -109,13 +118,18 @@ def reconstruct(
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     check_linearization(linearization)
     if is_onnx_model(model):
-        _check_onnx_options(method, dtype, output, keep_hooks)
+        _check_onnx_options(method, dtype, output, keep_hooks, layer, linearization)
         plugin = importlib.import_module(ONNX_PLUGIN)  # a plugin lookup by name: the core never imports it
         return plugin.reconstruct(model, x, classes, basis, chunk_size, seed=seed, progress=progress,
                                   max_memory=max_memory, out=out)
     check_options(basis, chunk_size)
     start = time.perf_counter()
-    lin = as_linearized(model, x, dtype=dtype, output=output, keep_graph=method != "basis", keep_hooks=keep_hooks)
+    source, inputs = model, None
+    if layer is not None:
+        model, x, inputs = _from_layer(model, x, layer, dtype, keep_hooks)
+        keep_hooks = False  # the tail runs on reconviz's copy, which already has the hooks asked for
+    lin = as_linearized(model, x, dtype=dtype, output=output, keep_graph=method != "basis", keep_hooks=keep_hooks,
+                       linearization=linearization)
     probed = time.perf_counter()
     cls = resolve_classes(classes, lin.n_outputs, lin.probes.device)
     plan = plan_memory(lin, len(cls), max_memory, out)
@@ -138,8 +152,10 @@ def reconstruct(
     else:
         w, b = solve_adjoint(lin, cls, chunk_size, progress, **common)
     solved = time.perf_counter()
-    meta = _meta(model, lin, chosen, basis if chosen == "basis" else None, seed, output)
+    meta = _meta(source, lin, chosen, basis if chosen == "basis" else None, seed, output)
     meta["linearization"] = linearization
+    if layer is not None:
+        meta["layer"] = layer
     meta.update(chunk_size=info.get("chunk"), memory=plan.meta(), solver=info)
     if decision:
         meta["auto"] = decision
@@ -153,25 +169,24 @@ def reconstruct(
         probes=lin.probes,
         meta=meta,
         mapped=sink.mapped,
+        inputs=inputs,
     )
     rec.meta["self_checks"] = [c.to_dict() for c in self_checks(lin, rec, seed, (far, g_far))]
     lin.take_graph()  # the probe pass's graph (if the solve left it) is not kept with the result
     rec.linearized = lin  # verify's certified radius reuses it instead of probing again
-    lin.source = weakref.ref(model)  # ... for the same model only
+    lin.source = weakref.ref(source)  # ... for the same model only
     return checked(rec, start, probed, solved)
 
 
-LINEARIZATIONS = ("value",)  # "tangent" (the Jacobian at x0) is planned: issue 12
-
-
-def check_linearization(linearization: Any) -> str:
-    """``linearization`` if it is a rule reconviz implements; InputError otherwise."""
-    if linearization == "tangent":
-        raise InputError("linearization='tangent' (the first-order Taylor model, W = the Jacobian at x0) is "
-                         "not implemented yet (issue 12); use linearization='value', the default")
-    if not isinstance(linearization, str) or linearization not in LINEARIZATIONS:
-        raise InputError(f"unknown linearization {linearization!r:.40}: choose 'value'")
-    return linearization
+def _from_layer(model: Any, x: Tensor, layer: Any, dtype: torch.dtype,
+                keep_hooks: bool) -> tuple[nn.Module, Tensor, Tensor]:
+    """(the network from ``layer`` to the logits, its activations at x, x in dtype)."""
+    if is_onnx_model(model) or isinstance(model, LinearizedModel):
+        raise InputError("layer= needs the torch model itself (an nn.Module), not an ONNX model or a "
+                         "LinearizedModel")
+    check_dtype(dtype)
+    tail, activations = layer_tail(model, layer, x, dtype, keep_hooks=keep_hooks)
+    return tail, activations, tail.inputs
 
 
 ONNX_PLUGIN = "reconviz.onnx"  # reconstructs ONNX models; imported by name when one is given
@@ -185,12 +200,15 @@ def is_onnx_model(model: Any) -> bool:
     return onnx is not None and isinstance(model, onnx.ModelProto)
 
 
-def _check_onnx_options(method: str, dtype: Any, output: Any, keep_hooks: bool) -> None:
+def _check_onnx_options(method: str, dtype: Any, output: Any, keep_hooks: bool, layer: Any = None,
+                        linearization: str = "value") -> None:
     """InputError for an option the ONNX path (basis method, float32 in onnxruntime) cannot honour."""
     bad = [f"method={method!r}"] if method not in ("auto", "basis") else []
     bad += [f"dtype={dtype}"] if dtype not in (torch.float32, torch.float64) else []
     bad += ["output=..."] if output is not None else []
     bad += ["keep_hooks=True"] if keep_hooks else []
+    bad += [f"layer={layer!r}"] if layer is not None else []
+    bad += [f"linearization={linearization!r}"] if linearization != "value" else []
     if bad:
         raise InputError(f"an ONNX model is reconstructed by the basis method in float32 (onnxruntime): "
                          f"{', '.join(bad)} does not apply; use rv.onnx.reconstruct(model, x, logits=...) to "
@@ -238,7 +256,7 @@ def region_check(lin: LinearizedModel, rec: Reconstruction) -> SelfCheck:
     """f(x) vs W x + b at x = :func:`region_step`, probe by probe where every gate makes that
     probe's choice at x; a probe on a region boundary there is reported, not compared."""
     if lin.exactness != "region-exact":
-        return SelfCheck("region", None, None, rec.tolerance, f"{POINT_EXACT}, no region")
+        return SelfCheck("region", None, None, rec.tolerance, f"{lin.why_point_exact}, no region")
     x = region_step(lin.probes)
     try:
         f, held = lin.model_at(x)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .basis import make_basis
 from .gates import Gate, Prior
-from .linearize import POINT_EXACT, LinearizedModel, as_linearized
+from .linearize import LinearizedModel, as_linearized
 from .probe import OutputSelector
 from .solve import basis_chunk, sample_size, sweep
 from .htmlparts import HtmlRepr
@@ -91,16 +91,19 @@ def certified_radius(
     chunk_size: int | None = None,
     progress: bool | None = None,
     output: OutputSelector = None,
+    linearization: str = "value",
 ) -> Radius:
     """L2 and L-inf radius of the linear region around each probe (costs D forward passes).
 
     ``output`` selects the logits of a model returning a tuple or dict (as for
     :func:`~reconviz.reconstruct`; a LinearizedModel keeps its own). A point-exact
-    linearization (a smooth gate frozen at the probe) has no region: radius 0."""
-    lin = as_linearized(model, x, dtype=dtype, output=output)
+    linearization (a smooth gate frozen at the probe, or the tangent rule on a gated net) has
+    no region: radius 0."""
+    lin = as_linearized(model, x, dtype=dtype, output=output, linearization=linearization)
     if lin.exactness == "point-exact":
         zero = torch.zeros(lin.n_probes, dtype=lin.dtype)
-        return Radius(zero, zero.clone(), ties=0, equalities=0, nearest=[None] * lin.n_probes, why=POINT_EXACT)
+        return Radius(zero, zero.clone(), ties=0, equalities=0, nearest=[None] * lin.n_probes,
+                      why=lin.why_point_exact)
     acc = _Accumulator(lin.n_probes)
     with torch.no_grad():
         lin(lin.probes, observer=acc)

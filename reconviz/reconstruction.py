@@ -203,6 +203,9 @@ class Reconstruction:
     # the linearized network the solve ran on (PyTorch path; never saved, None after load):
     # verify reuses it for the certified radius instead of probing the model again
     linearized: LinearizedModel | None = field(default=None, repr=False, compare=False)
+    # the model's inputs when ``probes`` are a layer's activations (``meta["layer"]``, a
+    # reconstruction from that layer to the logits: :mod:`reconviz.layer`); None otherwise
+    inputs: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def streamed(self) -> bool:
@@ -349,6 +352,8 @@ class Reconstruction:
             "logits": _np(self.logits), "probes": _np(self.probes),
             "meta": np.array(json.dumps(meta, default=_jsonable)),
         }
+        if self.inputs is not None:
+            arrays["inputs"] = _np(self.inputs)
         if self.streamed:  # write W block by block: never resident as a whole
             atomic_write(path, lambda f: _savez_blockwise(f, arrays, self._blocks(), self._release))
         else:
@@ -372,11 +377,15 @@ class Reconstruction:
         if mapped is not None:
             arrays["weight"] = mapped.tensor.numpy()
         _check_arrays(path, arrays)
+        if meta.get("layer") is not None and "inputs" not in arrays:
+            raise _bad_file(path, f"its metadata names layer {meta['layer']!r} but the inputs member (the "
+                            "model inputs behind the activations) is missing")
         arrays["classes"] = arrays["classes"].astype(np.int64)
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
         if mapped is not None:
             t["weight"] = mapped.tensor
-        return cls(t["weight"], t["bias"], t["classes"], t["logits"], t["probes"], meta, mapped=mapped)
+        return cls(t["weight"], t["bias"], t["classes"], t["logits"], t["probes"], meta, mapped=mapped,
+                   inputs=t.get("inputs"))
 
     def _repr_html_(self) -> str:
         """Notebooks: the key facts and the first probe's top-class template."""
@@ -409,6 +418,7 @@ def _savez_blockwise(f, arrays: dict[str, np.ndarray], blocks: list[tuple[int, i
 
 
 _MEMBERS = ("weight", "bias", "classes", "logits", "probes", "meta")
+_OPTIONAL = ("inputs",)  # a layer's reconstruction: the model inputs behind its activations
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
@@ -436,7 +446,7 @@ def _read_members(path: Path, skip: tuple[str, ...]) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in _MEMBERS if k not in z.files]
-            arrays = {k: z[k] for k in _MEMBERS if k in z.files and k not in skip}
+            arrays = {k: z[k] for k in _MEMBERS + _OPTIONAL if k in z.files and k not in skip}
     except _READ_ERRORS as e:
         raise _bad_file(path, f"its arrays cannot be read ({' '.join(str(e).split())})") from e
     if missing:
@@ -472,7 +482,7 @@ _META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "self_checks": (_optional(_is(list)), "a list"),
     "frozen": (_optional(_is(list)), "a list"),
     **{k: (_optional(_is(str)), "a string")
-       for k in ("method", "basis", "model", "logits_tensor", "input_name", "linearization")},
+       for k in ("method", "basis", "model", "logits_tensor", "input_name", "linearization", "layer")},
 }
 
 
@@ -547,6 +557,10 @@ def _check_arrays(path: Path, a: dict[str, np.ndarray]) -> None:
     for name, shape in (("bias", (n, k)), ("classes", (k,)), ("logits", (n, k)), ("probes", (n, *sample))):
         if a[name].shape != shape:
             raise _bad_file(path, f"{name} has shape {a[name].shape}, but weight {w.shape} needs {shape}")
+    if "inputs" in a and (a["inputs"].dtype not in (np.float16, np.float32, np.float64)
+                          or a["inputs"].ndim < 2 or a["inputs"].shape[0] != n):
+        raise _bad_file(path, f"inputs has dtype {a['inputs'].dtype} and shape {a['inputs'].shape}; expected "
+                        f"floats with a leading batch of {n} (the model inputs behind the probes)")
     c = a["classes"]
     if c.dtype.kind not in "iu":
         raise _bad_file(path, f"classes has dtype {c.dtype}; expected integer indices")

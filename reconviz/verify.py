@@ -22,7 +22,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import InputError
-from .linearize import POINT_EXACT, LinearizedModel
+from .layer import model_of
+from .linearize import POINT_EXACT, POINT_EXACT_TANGENT, LinearizedModel
 from .probe import OutputSelector, check_probe_input, select_output, eval_copy
 from .radius import Radius, certified_radius
 from .reconstruction import Reconstruction, relative_error
@@ -250,6 +251,7 @@ def verify(
     dtype = rec.weight.dtype
     output = output if output is not None else rec.meta.get("output")
     x = rec.probes if x is None else rec.check_input(check_probe_input(x)).to(dtype)
+    source, model = model, model_of(model, rec)  # a layer's reconstruction: the network from that layer on
     work = eval_copy(model, dtype, rec.probes.device, track_paths=True)
     with torch.no_grad():
         original = class_columns(run_model(work, x, output), rec.classes)
@@ -265,15 +267,19 @@ def verify(
         class_names=class_names,
         self_checks=rec.self_checks,
     )
-    if jacobian and rec.exactness == "region-exact":
+    tangent = rec.meta.get("linearization") == "tangent"
+    if jacobian and (rec.exactness == "region-exact" or tangent):  # the tangent rule's W is the Jacobian
         report.jacobian_max_error = _jacobian_error(work, rec, output)
         report.jacobian_tolerance = tol * max(1.0, float(torch.as_tensor(rec.weight).abs().max()))
     elif jacobian:
         report.notes.append(f"W vs autograd Jacobian skipped: {POINT_EXACT} (W is a template of the model at "
                             "x0, not its Jacobian), and the certified radius is 0")
+    if tangent and rec.exactness == "point-exact":
+        report.notes.append(f"{POINT_EXACT_TANGENT}: W is the Jacobian at x0 and the certified radius is 0")
     if radius is True or (radius == "auto" and math.prod(rec.sample_shape) <= RADIUS_AUTO_MAX):
-        kept = kept_linearized(rec, model)  # the solve's own linearized network: no second probe
-        report.radius = certified_radius(kept if kept is not None else model, rec.probes, dtype=dtype, output=output)
+        kept = kept_linearized(rec, source)  # the solve's own linearized network: no second probe
+        report.radius = certified_radius(kept if kept is not None else model, rec.probes, dtype=dtype, output=output,
+                                         linearization=rec.meta.get("linearization") or "value")
     elif radius == "auto":
         report.notes.append(
             f"certified radius skipped: the input has {math.prod(rec.sample_shape)} elements "

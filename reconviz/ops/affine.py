@@ -63,8 +63,8 @@ class Product(Linear):
                         "which is not affine in the input, and neither factor comes from a saturating gate "
                         "(sigmoid, hardsigmoid, tanh, softmax) that the value rule would freeze at its value; "
                         "compute the gating factor through one of them, or reconstruct the part of the "
-                        "network before it (linearization='tangent', the Jacobian, is not implemented yet: "
-                        "issue 12)")
+                        "network before it (under either rule: a product of two input-dependent tensors "
+                        "has no faithful per-input template)")
 
 
 class Division(Linear):

@@ -219,7 +219,7 @@ def sub_linearized(lin: LinearizedModel, probes: slice) -> LinearizedModel:
     m = len(range(n)[probes])
     found = Probe(lin.work, lin.probes[probes], priors, lin.logits[probes], lin.output,
                   lin.activation_bytes * m // n)
-    return LinearizedModel(found)
+    return type(lin)(found)  # the same rule: a TangentModel stays one
 
 
 def probe_groups(lin: LinearizedModel, per_probe: int, budget: int) -> list[slice]:
