@@ -421,4 +421,67 @@ class ViTLayer(nn.Module):
         return z + self.mlp(self.norm2(z))
 
 
-GATED_BLOCKS = {"mobilenetv3": MobileNetV3Block, "mbconv": MBConvBlock, "convnext": ConvNeXtBlock, "vit": TinyViT}
+class SwinBlock(nn.Module):
+    """Swin: patch embedding, LayerNorm, window attention (2x2 windows of a 4x4 token grid,
+    shifted by one with the constant shifted-window mask) with a learned relative position bias
+    gathered by a constant index, a GELU MLP, residuals; mean-pooled LayerNorm + linear head.
+    Attention written by hand: softmax(q k^T s + bias + mask) v. Input 3x8x8."""
+
+    input_shape = (3, 8, 8)
+    detach_attention = False
+
+    def __init__(self, classes: int = 4, d: int = 8, heads: int = 2, window: int = 2, shift: int = 1):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.d, self.heads, self.window, self.shift = d, heads, window, shift
+        self.patch = nn.Conv2d(3, d, 2, stride=2)  # (N, d, 4, 4)
+        self.norm1, self.norm2, self.head_norm = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads, generator=g) * 0.5)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("index", rel[..., 0] * (2 * window - 1) + rel[..., 1])  # (w*w, w*w)
+        self.register_buffer("mask", self._shift_mask(4, window, shift))
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, classes)
+        _randomize_norms(self, 5)
+
+    @staticmethod
+    def _shift_mask(size: int, w: int, shift: int) -> torch.Tensor:
+        region = torch.zeros(size, size)
+        cuts = (slice(0, -w), slice(-w, -shift), slice(-shift, None))
+        for k, (a, b) in enumerate((a, b) for a in cuts for b in cuts):
+            region[a, b] = k
+        win = region.reshape(size // w, w, size // w, w).permute(0, 2, 1, 3).reshape(-1, w * w)
+        return (win[:, :, None] != win[:, None, :]).float() * -100.0  # (windows, w*w, w*w)
+
+    def _windows(self, z):  # (N, H, W, d) -> (N * windows, w*w, d)
+        n, h, w_, d = z.shape
+        w = self.window
+        return z.reshape(n, h // w, w, w_ // w, w, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, d)
+
+    def _merge(self, z, n, h):  # inverse of _windows
+        w = self.window
+        return z.reshape(n, h // w, h // w, w, w, self.d).permute(0, 1, 3, 2, 4, 5).reshape(n, h, h, self.d)
+
+    def forward(self, x):
+        z = self.patch(x).permute(0, 2, 3, 1)  # (N, 4, 4, d)
+        n, h = z.shape[0], z.shape[1]
+        y = torch.roll(self.norm1(z), (-self.shift, -self.shift), (1, 2))
+        win = self._windows(y)  # (N*4, 4, d)
+        q, k, v = self.qkv(win).reshape(win.shape[0], -1, 3, self.heads, self.d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index.reshape(-1)].reshape(self.index.shape + (self.heads,)).permute(2, 0, 1)
+        scores = q @ k.transpose(-2, -1) * (self.d // self.heads) ** -0.5 + bias
+        windows = self.mask.shape[0]
+        scores = scores.reshape(n, windows, self.heads, *scores.shape[-2:]) + self.mask[None, :, None]
+        a = torch.softmax(scores, -1).reshape(-1, self.heads, *scores.shape[-2:])
+        a = a.detach() if self.detach_attention else a  # the value rule's oracle (tests/ops/test_gated.py)
+        out = (a @ v).transpose(1, 2).reshape(win.shape[0], -1, self.d)
+        y = torch.roll(self._merge(self.proj(out), n, h), (self.shift, self.shift), (1, 2))
+        z = z + y
+        z = z + self.mlp(self.norm2(z))
+        return self.head(self.head_norm(z.mean((1, 2))))
+
+
+GATED_BLOCKS = {"mobilenetv3": MobileNetV3Block, "mbconv": MBConvBlock, "convnext": ConvNeXtBlock, "vit": TinyViT,
+                "swin": SwinBlock}

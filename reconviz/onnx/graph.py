@@ -12,8 +12,13 @@ value-dependent node is either
   with the inputs it is not affine in (weights, shapes, pads) constant, or
 * a gate, whose input-dependent choice is frozen at the probe: a registered
   gate of :mod:`reconviz.ops.gates` that lists the op type in its ``onnx_ops``
-  (Relu, ThresholdedRelu, Clip, LeakyRelu, PRelu, MaxPool, and what the user
-  registers), or ReduceMax, GlobalMaxPool (:mod:`reconviz.onnx.gates`).
+  (Relu, ThresholdedRelu, Clip, LeakyRelu, PRelu, MaxPool; under the value rule
+  Sigmoid, Tanh, Erf, Softplus, Elu/Selu/Celu, HardSigmoid, HardSwish, Gelu, Mish;
+  and what the user registers), or ReduceMax, GlobalMaxPool (:mod:`reconviz.onnx.gates`), or
+* a product or division whose gate factor or divisor the value rule freezes
+  (:mod:`reconviz.onnx.freeze`: squeeze-excitation, attention, the decomposed
+  LayerNorm; ``LayerNormalization`` is expanded to that form first). Nodes that only
+  feed frozen factors or divisors are not part of g and are not classified.
 
 The gate registry is looked up first, so a registered gate takes an op type that
 would otherwise be refused (Shrink for a hardshrink gate, say).
@@ -35,6 +40,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..errors import InputError, UnsupportedOperationError
 from ..export import IR_VERSION, OPSET, make_model  # noqa: F401  (re-exported: the graphs reconviz writes)
+from .freeze import Freezing, expand_layer_norms, plan
 from .gates import _attr, gate_for, gate_types
 
 __all__ = ["Prepared", "prepare", "load_model", "UnsupportedGraphError", "AFFINE", "LOGITS", "IR_VERSION"]
@@ -56,8 +62,9 @@ class UnsupportedGraphError(UnsupportedOperationError):
         lines = "; ".join(f"node '{n}' ({o}): {w}" for n, o, w in nodes)
         super().__init__(op, name, (
             f"{why}. The ONNX graph has {len(nodes)} node(s) reconviz cannot freeze into an affine map: "
-            f"{lines}. reconviz.onnx reconstructs piecewise-linear graphs ({', '.join(gate_types())} and "
-            "affine ops); cut the graph before these nodes with logits='<tensor name>', or replace them"))
+            f"{lines}. reconviz.onnx reconstructs graphs of affine ops and gates ({', '.join(gate_types())}), "
+            "with gate factors (squeeze-excitation, attention) and divisors (LayerNorm) frozen at their "
+            "values; cut the graph before these nodes with logits='<tensor name>', or replace them"))
 
 
 # --------------------------------------------------------------------------
@@ -137,9 +144,13 @@ _FLOW = "If Loop Scan".split()
 _RANDOM = "RandomNormal RandomUniform RandomNormalLike RandomUniformLike Bernoulli Multinomial".split()
 
 ADVICE = {
-    **{op: "a smooth non-linearity, not piecewise linear: no region-exact linear model exists" for op in _SMOOTH},
+    **{op: "a smooth non-linearity with no frozen form (only on the way into a frozen gate factor or "
+           "divisor, e.g. the Sqrt of a LayerNorm's divisor, may it appear)" for op in _SMOOTH},
     **{op: "normalization divides by an input-dependent statistic (not affine)" for op in _NORM},
     **{op: "its result depends on the input in a way reconviz cannot freeze" for op in _SELECT},
+    "Softmax": "a softmax is frozen only as a factor that multiplies another input-dependent tensor "
+               "(attention weights); here its output is added or returned (a final Softmax is stepped "
+               "over with logits='auto')",
     **{op: "control flow (subgraphs) is not supported; export the model without it" for op in _FLOW},
     **{op: "random: the graph is not a function of its input" for op in _RANDOM},
 }
@@ -173,6 +184,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     fixed_batch: int | None = None  # the model's fixed batch size, before the rewrite
     original: ModelProto | None = None  # pruned copy with the fixed batch (reference runs)
+    freezing: Freezing = field(default_factory=lambda: Freezing({}, set()))  # the value rule's frozen edges
 
 
 def load_model(model: "str | os.PathLike | bytes | ModelProto") -> tuple[ModelProto, str]:
@@ -221,23 +233,26 @@ def constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return out
 
 
-def dependent_tensors(graph: onnx.GraphProto, input_name: str) -> set[str]:
-    """Tensors whose values depend on the input's values (nodes are in topological order)."""
+def dependent_tensors(graph: onnx.GraphProto, input_name: str,
+                      frozen: Any = ()) -> set[str]:
+    """Tensors whose values depend on the input's values (nodes are in topological order);
+    ``frozen``: (node index, input slot) edges that carry a constant (the value rule's)."""
     dep = {input_name}
-    for node in graph.node:
+    for k, node in enumerate(graph.node):
         if node.op_type in ("Shape", "Size"):
             continue
-        if any(i in dep for i in node.input if i):
+        if any(i in dep and (k, s) not in frozen for s, i in enumerate(node.input) if i):
             dep.update(o for o in node.output if o)
     return dep
 
 
-def _problem(node: NodeProto, g: GraphInfo) -> str | None:
-    """Why ``node`` (value-dependent) cannot be frozen, or None."""
+def _problem(node: NodeProto, g: GraphInfo, frozen: set[int] = frozenset()) -> str | None:
+    """Why ``node`` (value-dependent) cannot be frozen, or None. ``frozen``: its input slots the
+    value rule freezes (constants of g)."""
     if node.domain not in ("", "ai.onnx"):
         return f"operator of the custom domain '{node.domain}'; export with standard ONNX ops"
     gate = gate_for(node.op_type)
-    dep = [bool(i) and i in g.dependent for i in node.input]
+    dep = [bool(i) and i in g.dependent and s not in frozen for s, i in enumerate(node.input)]
     if gate is not None:
         if any(dep[1:]):
             return "its parameters (bounds, slope) depend on the input's values"
@@ -248,14 +263,16 @@ def _problem(node: NodeProto, g: GraphInfo) -> str | None:
     return ADVICE.get(node.op_type, "not a known affine operation or piecewise-linear gate")
 
 
-def _problems(graph: onnx.GraphProto, g: GraphInfo) -> list[tuple[str, str, str]]:
-    """(name, op type, reason) of every node that cannot be frozen."""
+def _problems(graph: onnx.GraphProto, g: GraphInfo, freezing: Freezing) -> list[tuple[str, str, str]]:
+    """(name, op type, reason) of every node of g (the live nodes) that cannot be frozen."""
     out = []
     for i, node in enumerate(graph.node):
+        if i not in freezing.live:
+            continue  # feeds only frozen factors or divisors: not part of g
         if node.op_type in _RANDOM + _FLOW:
             why = ADVICE[node.op_type]  # random even on constants; subgraphs may read the input
         elif any(o in g.dependent for o in node.output):
-            why = _problem(node, g)
+            why = _problem(node, g, {s for k, s in freezing.edges if k == i})
         else:
             continue  # constant or shape arithmetic
         if why:
@@ -279,11 +296,17 @@ def prepare(model: Any, x_shape: tuple[int, ...], logits: str = "auto") -> Prepa
     input_name = _input(graph, x_shape, source)
     producers = _producers(graph)  # the tensor -> node map both steps walk
     logits_name, notes = _select_logits(graph, logits, producers)
-    _prune(graph, logits_name, producers)
+    prune(graph, logits_name, producers)
+    unexpanded = expand_layer_norms(graph, opset_of(proto))
     info = GraphInfo(constants(graph), _used(graph), dependent_tensors(graph, input_name))
     if logits_name not in info.dependent:
         raise InputError(f"the logits tensor '{logits_name}' does not depend on the input '{input_name}'")
-    problems = _problems(graph, info)
+    freezing = plan(graph, info.dependent, info.consts, logits_name)
+    info.dependent = dependent_tensors(graph, input_name, freezing.edges)  # g's: frozen edges are constants
+    problems = _problems(graph, info, freezing)
+    problems += [(name, "LayerNormalization", "it normalizes over axes from a non-negative axis, or its Mean / "
+                  "InvStdDev outputs are used: export with axis=-1") for name in unexpanded
+                 if not any(p[0] == name for p in problems)]
     if problems:
         raise UnsupportedGraphError(problems)
     original = None
@@ -294,9 +317,15 @@ def prepare(model: Any, x_shape: tuple[int, ...], logits: str = "auto") -> Prepa
         _dynamic_batch(graph, input_name, fixed, info)
         notes.append(f"the model's batch dimension was fixed at {fixed}; reconviz made it dynamic "
                      "(Reshape targets with that leading size copy the batch instead)")
-    gated = [i for i, n in enumerate(graph.node) if gate_for(n.op_type) and n.output[0] in info.dependent]
+    gated = [i for i, n in enumerate(graph.node)
+             if i in freezing.live and gate_for(n.op_type) and n.output[0] in info.dependent]
     return Prepared(proto, input_name, logits_name, tuple(x_shape[1:]), info, gated, source, notes,
-                    fixed, original)
+                    fixed, original, freezing)
+
+
+def opset_of(proto: ModelProto) -> int:
+    """The model's default-domain opset version."""
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=1)
 
 
 def _input(graph: onnx.GraphProto, x_shape: tuple[int, ...], source: str) -> str:
@@ -350,7 +379,7 @@ def _select_logits(graph: onnx.GraphProto, logits: str,
     return out, notes
 
 
-def _prune(graph: onnx.GraphProto, output: str, producers: dict[str, NodeProto]) -> None:
+def prune(graph: onnx.GraphProto, output: str, producers: dict[str, NodeProto]) -> None:
     """Keep only what computes ``output`` (``producers``: tensor -> node); make it the single graph output."""
     needed, stack = set(), [output]
     while stack:

@@ -22,8 +22,9 @@ from onnx import ModelProto, TensorProto, helper
 
 from ..errors import ExactnessError, InputError
 from ..files import atomic_write
+from .freeze import tile_frozen
 from .gates import NodePrior, gate_for
-from .graph import IR_VERSION, Prepared, prepare
+from .graph import IR_VERSION, Prepared, prepare, prune
 from .probe import FLOAT32_TOLERANCE, OnnxProbe, as_probe_array, max_relative_error, probe, uid
 from .runtime import run, session
 
@@ -111,8 +112,8 @@ def linearize(model: Any, x: Any, logits: str = "auto") -> LinearizedGraph:
     prep = prepare(model, x.shape, logits)  # every check before onnxruntime runs
     found = probe(prep, x)
     lin = LinearizedGraph(_rewrite(found), prep.input_name, prep.logits_name, x, found.logits,
-                          [found.priors[i] for i in prep.gated], prep.source, list(prep.notes),
-                          found.activation_bytes, prep)
+                          [found.priors[i] for i in prep.gated] + list(found.frozen.values()), prep.source,
+                          list(prep.notes), found.activation_bytes, prep)
     err = max_relative_error(lin(x), found.logits)
     if not err <= FLOAT32_TOLERANCE:
         raise ExactnessError(
@@ -124,12 +125,13 @@ def linearize(model: Any, x: Any, logits: str = "auto") -> LinearizedGraph:
 
 
 def _rewrite(found: OnnxProbe) -> ModelProto:
-    """The prepared graph with each gate node replaced by its frozen form."""
+    """The prepared graph with each gate node replaced by its frozen form, each frozen factor or
+    divisor by its value at the probes (tiled over the batch), and what then feeds nothing pruned."""
     prep = found.prep
     model = ModelProto()
     model.CopyFrom(prep.model)
     graph = model.graph
-    nodes = []
+    nodes = _freeze_edges(found, graph)
     for i, node in enumerate(graph.node):
         if i not in found.priors:
             nodes.append(node)
@@ -139,6 +141,8 @@ def _rewrite(found: OnnxProbe) -> ModelProto:
         graph.initializer.extend(inits)
     del graph.node[:]
     graph.node.extend(nodes)
+    if found.frozen:
+        prune(graph, prep.logits_name, {o: nd for nd in graph.node for o in nd.output if o})
     n, sample = found.x.shape[0], found.x.shape[1:]
     inp = next(i for i in graph.input if i.name == prep.input_name)
     inp.CopyFrom(helper.make_tensor_value_info(prep.input_name, TensorProto.FLOAT, ["batch", *sample]))
@@ -149,6 +153,20 @@ def _rewrite(found: OnnxProbe) -> ModelProto:
     if model.ir_version > 13:
         model.ir_version = IR_VERSION
     return model
+
+
+def _freeze_edges(found: OnnxProbe, graph: Any) -> list:
+    """Point each frozen edge at its tiled value; returns the nodes that tile them (they go first)."""
+    nodes, tiled = [], {}
+    for j, ((k, slot), prior) in enumerate(sorted(found.frozen.items())):
+        name = graph.node[k].input[slot]
+        if name not in tiled:
+            new, inits, tiled[name] = tile_frozen(prior.tensors["value"], int(prior.tensors["axis"]),
+                                                  found.x.shape[0], found.prep.input_name, f"reconviz/frozen{j}")
+            nodes.extend(new)
+            graph.initializer.extend(inits)
+        graph.node[k].input[slot] = tiled[name]
+    return nodes
 
 
 def linearized_to_onnx(model: Any, x: Any, path: str | os.PathLike, logits: str = "auto") -> Path:

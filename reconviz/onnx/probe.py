@@ -9,7 +9,7 @@ frozen math), the priors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from onnx import ModelProto, TensorProto, helper
 from ..errors import InputError, UnsupportedOperationError
 from ..probe import check_probe_input
 from ..reconstruction import relative_error, tolerance_for
+from .freeze import batch_axis
 from .gates import NodePrior, gate_for
 from .graph import Prepared, UnsupportedGraphError
 from .runtime import run, session
@@ -36,6 +37,8 @@ class OnnxProbe:
     priors: dict[int, NodePrior]  # node index in prep.model.graph.node -> prior
     activation_bytes: int  # bytes of the tapped tensors (for chunk sizes)
     logits_shape: tuple[int, ...]  # the logits tensor's shape at the probes (before flattening)
+    # the value rule's frozen edges (node index, input slot) -> their value ("value") and batch axis ("axis")
+    frozen: dict[tuple[int, int], NodePrior] = field(default_factory=dict)
 
 
 def as_probe_array(x: Any) -> np.ndarray:
@@ -58,6 +61,8 @@ def probe(prep: Prepared, x: np.ndarray) -> OnnxProbe:
     taps: list[str] = [prep.logits_name]
     for i in prep.gated:
         taps += [t for t in gate_for(graph.node[i].op_type).taps(graph.node[i], uid(i)) if t not in taps]
+    frozen_names = prep.freezing.tensors(graph)
+    taps += [t for t in frozen_names if t not in taps]
     present = {o.name for o in graph.output}
     int_taps = {t for i in prep.gated for t in gate_for(graph.node[i].op_type).index_taps(graph.node[i])}
     fetch = [t for t in taps if t != prep.input_name]  # a gate right on the input reads x itself
@@ -65,7 +70,8 @@ def probe(prep: Prepared, x: np.ndarray) -> OnnxProbe:
         if t not in present:
             graph.output.append(helper.make_tensor_value_info(
                 t, TensorProto.INT64 if t in int_taps else TensorProto.FLOAT, None))
-    values = dict(zip(fetch, run(session(model, "the probe graph"), x, fetch, "the probe graph")))
+    sess = session(model, "the probe graph")
+    values = dict(zip(fetch, run(sess, x, fetch, "the probe graph")))
     values[prep.input_name] = x
     n = x.shape[0]
     logits = values[prep.logits_name].reshape(n, -1)
@@ -84,10 +90,32 @@ def probe(prep: Prepared, x: np.ndarray) -> OnnxProbe:
             priors[i] = gate_for(node.op_type).record(node, values, prep.info, uid(i))
         except UnsupportedOperationError as e:
             problems.append((name, node.op_type, e.advice))
+    frozen = _frozen(prep, sess, x, values, frozen_names, problems) if frozen_names else {}
     if problems:
         raise UnsupportedGraphError(problems)
     nbytes = sum(v.nbytes for v in values.values())
-    return OnnxProbe(prep, x, logits, priors, nbytes, tuple(values[prep.logits_name].shape))
+    return OnnxProbe(prep, x, logits, priors, nbytes, tuple(values[prep.logits_name].shape), frozen)
+
+
+def _frozen(prep: Prepared, sess: Any, x: np.ndarray, values: dict[str, np.ndarray], names: list[str],
+            problems: list) -> dict[tuple[int, int], NodePrior]:
+    """The frozen edges' priors: each frozen tensor's value at x and its batch axis, found by a
+    second run at 2N inputs (x twice); a tensor without one is a problem."""
+    twice = dict(zip(names, run(sess, np.concatenate([x, x]), names, "the probe graph")))
+    graph, out = prep.model.graph, {}
+    for (k, slot), kind in sorted(prep.freezing.edges.items()):
+        node, name = graph.node[k], graph.node[k].input[slot]
+        axis = batch_axis(values[name], twice[name])
+        where = node.name or f"#{k} {node.op_type}"
+        if axis is None:
+            problems.append((where, node.op_type, f"its {kind} '{name}' (frozen by the value rule) has no axis that "
+                             "carries the batch (one that doubles with the batch, batch-major): reconviz cannot "
+                             "tile it for a batch of inputs"))
+            continue
+        value = values[name]
+        out[(k, slot)] = NodePrior(where, node.op_type, kind, tuple(value.shape),
+                                   {"value": value, "axis": np.array(axis, np.int64)}, 0, False)
+    return out
 
 
 def _check_batch_rewrite(prep: Prepared, x: np.ndarray, logits: np.ndarray) -> None:

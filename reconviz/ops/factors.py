@@ -9,7 +9,11 @@ frozen) unless it carries a :class:`Mark`:
               as a frozen factor (softmax has no additive frozen form); otherwise the
               gate's own frozen form is affine (sigmoid's secant) and it may flow on.
     pending   computed non-linearly from the input (a product of two linear tensors, such
-              as attention scores q k^T): legal only on its way into a saturating gate.
+              as attention scores q k^T; a normalization's statistic written by hand:
+              ``(z - m).pow(2).mean()``, ``sqrt``, ``var``, ``std``, a norm): legal only on its
+              way into a saturating gate or a divisor. ``rsqrt`` / ``reciprocal`` / a negative
+              ``pow`` of such a value is a factor-only (``z * rsqrt(var + eps)``: a divisor
+              written as a product).
 
 A product (``mul``, ``matmul``, ``bmm``, ``einsum``, ``baddbmm``, ``linear``, ... : the
 :class:`~reconviz.ops.affine.Product` ops) of exactly one linear tensor with factors
@@ -58,9 +62,12 @@ class Step:
     frozen: dict[int, Tensor] = field(default_factory=dict)  # tensor position -> value at x0
     out: Mark | None = None
     deferred: str | None = None
+    hint: str = ""  # added to the refusal's advice (a statistic: where it would be legal)
 
     def defer(self, error: UnsupportedOperationError) -> None:
         """The registry refused the call: its output carries the refusal, or it is raised now."""
+        if self.hint:
+            error = UnsupportedOperationError(error.operation, error.module_path, error.advice + self.hint)
         if self.deferred is None:
             raise error
         self.out = Mark(self.deferred, True, error)
@@ -136,7 +143,18 @@ class Provenance:
             return _division(func, args, kwargs, op, self._combine) if isinstance(op, Division) else \
                 self._product(func, args, kwargs, op, path)
         deps = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
+        statistic = statistic_kind(func, args, kwargs)
+        if statistic is not None and deps:  # refused by the registry: the output is marked instead
+            self._refuse_factor_only(deps)
+            return Step(args, kwargs, deferred=statistic, hint=STATISTIC_HINT)
         return Step(args, kwargs, out=self._combine(deps))
+
+    def _refuse_factor_only(self, deps: list[Tensor]) -> None:
+        """A statistic of a softmax (factor-only, not pending) has no frozen form: its refusal."""
+        for t in deps:
+            m = self.mark(t)
+            if m is not None and m.kind == "factor" and m.only:
+                raise m.error
 
     def _combine(self, deps: list[Tensor]) -> Mark | None:
         """All deps marked: the most restrictive mark; else linear (raising a restricted one)."""
@@ -171,7 +189,30 @@ class Provenance:
             return Step(new_args, new_kwargs, frozen=values, out=self._combine(linear + added))
         if len(factors) <= 1:  # one input-dependent factor: the product is affine in it
             return Step(args, kwargs, out=self._combine(factors + added))
+        if "pending" in kinds and "linear" in kinds:  # |z| * z: the pending value's own refusal names it
+            raise next(self.mark(t) for t, k in zip(factors, kinds) if k == "pending").error
         return Step(args, kwargs, deferred="factor" if set(kinds) == {"factor"} else "pending")
+
+
+# ops that compute a normalization's statistic or divisor by hand: pending (only on the way into a
+# frozen divisor), or factor-only for the reciprocal forms (a divisor written as a product)
+STATISTIC_HINT = (" (the value rule allows it only inside a normalization's divisor: z / sqrt(var + eps), "
+                  "z * rsqrt(var + eps))")
+STATISTICS = frozenset("sqrt pow square var std norm linalg_vector_norm".split())
+RECIPROCALS = frozenset("rsqrt reciprocal".split())
+
+
+def statistic_kind(func: Callable, args: tuple, kwargs: dict) -> str | None:
+    """``"pending"`` for a statistic op, ``"factor"`` for a reciprocal one (also ``pow`` with a
+    negative constant exponent), None for any other op."""
+    name = op_name(func).removeprefix("Tensor.").removeprefix("__").removesuffix("__").rstrip("_")
+    if name in RECIPROCALS:
+        return "factor"
+    if name not in STATISTICS:
+        return None
+    exponent = arg(args, kwargs, 1, "exponent", None)
+    negative = name == "pow" and isinstance(exponent, (int, float)) and exponent < 0
+    return "factor" if negative else "pending"
 
 
 def _division(func: Callable, args: tuple, kwargs: dict, op: Division, combine: Callable) -> Step:

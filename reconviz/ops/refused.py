@@ -80,9 +80,10 @@ _RANDOM = (
 )
 
 REFUSED_OPS: list[Op] = [
-    Refused(_SMOOTH, "it is a smooth non-linearity, not piecewise linear, so no region-exact linear "
-            "model exists; replace it by a ReLU-family activation or reconstruct the part of the "
-            "network before it"),
+    Refused(_SMOOTH, "it is a smooth non-linearity that the value rule has no frozen form for (it "
+            "freezes sigmoid, tanh, erf, softplus, the ELU family, GELU, SiLU, Hardswish and Mish; sqrt, "
+            "pow, rsqrt only inside a normalization's divisor, z / sqrt(var + eps)); replace it, or "
+            "reconstruct the part of the network before it"),
     Refused(_NORM, "a normalization divides by an input-dependent statistic, which is not affine; use "
             "BatchNorm (affine in eval mode) or reconstruct a sub-network without it"),
     Refused(_SELECT, "its result depends on the input in a way reconviz cannot freeze (a selection, an "

@@ -61,6 +61,9 @@ class ValueGate(ElementwiseGate):
     def params(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         return {}
 
+    def onnx_params(self, node: Any) -> dict[str, Any]:
+        return {}
+
     def breakpoints(self, p):
         return []
 
@@ -94,9 +97,14 @@ class GELUGate(SelfGatedGate):
 
     name = "gelu"
     functions = (F.gelu,)
+    onnx_ops = ("Gelu",)
 
     def params(self, args, kwargs):
         return {"approximate": arg(args, kwargs, 1, "approximate", "none")}
+
+    def onnx_params(self, node):
+        approximate = node.attr("approximate", b"none")
+        return {"approximate": approximate.decode() if isinstance(approximate, bytes) else approximate}
 
     def g(self, z, p):
         if p["approximate"] == "tanh":
@@ -109,6 +117,7 @@ class HardswishGate(SelfGatedGate):
 
     name = "hardswish"
     functions = (F.hardswish,)
+    onnx_ops = ("HardSwish",)
 
     def g(self, z, p):
         return F.relu6(z + 3.0) / 6.0
@@ -119,6 +128,7 @@ class MishGate(SelfGatedGate):
 
     name = "mish"
     functions = (F.mish,)
+    onnx_ops = ("Mish",)
 
     def g(self, z, p):
         return torch.tanh(F.softplus(z))
@@ -149,6 +159,7 @@ class SigmoidGate(SecantGate):
     """sigmoid: 1/2 + s z (sigmoid'(0) = 1/4); its output is a factor (squeeze-excitation scales)."""
 
     name, factor, function, derivative_at_zero = "sigmoid", True, torch.sigmoid, 0.25
+    onnx_ops = ("Sigmoid",)
     functions = (torch.sigmoid, torch.sigmoid_, Tensor.sigmoid, Tensor.sigmoid_, torch.special.expit)
 
 
@@ -156,6 +167,7 @@ class TanhGate(SecantGate):
     """tanh: s z (tanh(0) = 0, tanh'(0) = 1); its output is a factor (a tanh gate)."""
 
     name, factor, function = "tanh", True, torch.tanh
+    onnx_ops = ("Tanh",)
     functions = (torch.tanh, torch.tanh_, Tensor.tanh, Tensor.tanh_)
 
 
@@ -163,6 +175,7 @@ class ErfGate(SecantGate):
     """erf: s z (erf(0) = 0, erf'(0) = 2 / sqrt(pi))."""
 
     name, function, derivative_at_zero = "erf", torch.erf, 2.0 / math.sqrt(math.pi)
+    onnx_ops = ("Erf",)
     functions = (torch.erf, torch.erf_, Tensor.erf, Tensor.erf_, torch.special.erf)
 
 
@@ -171,9 +184,13 @@ class SoftplusGate(SecantGate):
 
     name = "softplus"
     functions = (F.softplus,)
+    onnx_ops = ("Softplus",)  # log(1 + exp z): beta 1; torch's threshold 20 is below float32's resolution
 
     def params(self, args, kwargs):
         return {"beta": arg(args, kwargs, 1, "beta", 1.0), "threshold": arg(args, kwargs, 2, "threshold", 20.0)}
+
+    def onnx_params(self, node):
+        return {"beta": 1.0, "threshold": 20.0}
 
     def phi(self, z, p):
         return F.softplus(z, p["beta"], p["threshold"])
@@ -193,7 +210,15 @@ class ELUGate(SecantGate):
         torch.celu: ("alpha", 1), torch.celu_: ("alpha", 1),
     }
     functions = tuple(_forms)
+    onnx_ops = ("Elu", "Selu", "Celu")
     _SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)
+
+    def onnx_params(self, node):
+        if node.op_type == "Selu":
+            return {"func": F.elu, "alpha": float(node.attr("alpha", 1.67326319217681884765625)),
+                    "scale": float(node.attr("gamma", 1.05070102214813232421875))}
+        return {"func": F.celu if node.op_type == "Celu" else F.elu, "alpha": float(node.attr("alpha", 1.0)),
+                "scale": 1.0}
 
     def parse(self, func, args, kwargs):
         alpha_name, i = self._forms[func]
@@ -223,11 +248,20 @@ class HardsigmoidGate(ElementwiseGate):
     factor = True
     region_exact = False
     functions = (F.hardsigmoid,)
+    onnx_ops = ("HardSigmoid",)  # clip(alpha z + beta, 0, 1): alpha 0.2 and beta 0.5 by default
 
     def parse(self, func, args, kwargs):
         return Call(func, args[0], {}, _inplace(func, args, kwargs, 1))
 
+    def onnx_params(self, node):
+        return {"alpha": float(node.attr("alpha", 0.2)), "beta": float(node.attr("beta", 0.5))}
+
     def slope_offset(self, z, p):
+        if "alpha" in p:  # the ONNX form
+            y = p["alpha"] * z + p["beta"]
+            inside = (y > 0) & (y < 1)
+            offset = torch.where(inside, torch.full_like(z, p["beta"]), (y >= 1).to(z.dtype))
+            return inside.to(z.dtype) * p["alpha"], offset
         inside = (z > -3.0) & (z < 3.0)
         offset = torch.where(inside, torch.full_like(z, 0.5), (z >= 3.0).to(z.dtype))
         return inside.to(z.dtype) / 6.0, offset

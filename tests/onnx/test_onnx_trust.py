@@ -124,8 +124,12 @@ def test_onnx_nodes_route_to_the_torch_gates():
     assert gate_for_onnx("ThresholdedRelu").onnx_params(node) == {"t": 1.5, "v": 0.0}
     assert gate_for_onnx("ThresholdedRelu").breakpoints({"t": 1.5, "v": 0.0}) == [1.5]
     assert isinstance(gate_for("Relu"), Elementwise) and gate_for("Relu").gate is gate_for_onnx("Relu")
-    assert gate_types() == ["Relu", "Clip", "LeakyRelu", "PRelu", "ThresholdedRelu", "MaxPool", "ReduceMax",
-                            "GlobalMaxPool"]
+    assert gate_types()[:6] + gate_types()[-2:] == ["Relu", "Clip", "LeakyRelu", "PRelu", "ThresholdedRelu",
+                                                    "MaxPool", "ReduceMax", "GlobalMaxPool"]
+    # the value rule's smooth gates (point-exact), in registration order
+    assert gate_types()[6:-2] == ["Gelu", "HardSwish", "Mish", "Sigmoid", "Tanh", "Erf", "Softplus", "Elu", "Selu",
+                                  "Celu", "HardSigmoid"]
+    assert not any(gate_for(op).region_exact for op in gate_types()[6:-2])
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +260,9 @@ def test_exactness_is_derived_from_the_frozen_gates():
     x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(2))
     exact = rv.onnx.reconstruct(model, x)
     assert exact.meta["exactness"] == exact.exactness == "region-exact"
-    assert all(gate_for(op).region_exact for op in gate_types()) and len(gate_types()) == 8
+    piecewise = [op for op in gate_types() if gate_for(op).region_exact]
+    assert piecewise == ["Relu", "Clip", "LeakyRelu", "PRelu", "ThresholdedRelu", "MaxPool", "ReduceMax",
+                         "GlobalMaxPool"]
     with registered(PointThreshold()):
         point = rv.onnx.reconstruct(model, x)
         lin = rv.onnx.linearize(model, x)
@@ -338,7 +344,7 @@ def test_region_points_keep_every_gate_choice(cnn):
 def test_unsupported_graph_error_is_an_unsupported_operation_error():
     n = helper.make_node
     graph = helper.make_graph(
-        [n("Sigmoid", ["x"], ["s"], name="gate"), n("Softmax", ["s"], ["p"], name="attention"),
+        [n("Exp", ["x"], ["s"], name="gate"), n("Softmax", ["s"], ["p"], name="attention"),
          n("Relu", ["p"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
@@ -347,8 +353,8 @@ def test_unsupported_graph_error_is_an_unsupported_operation_error():
         rv.onnx.reconstruct(model, torch.randn(1, 4))
     e = info.value
     assert isinstance(e, UnsupportedOperationError)
-    assert (e.operation, e.module_path, len(e.nodes)) == ("Sigmoid", "gate", 2)
-    assert str(e).startswith("cannot freeze operation 'Sigmoid' called in module 'gate': a smooth non-linearity")
+    assert (e.operation, e.module_path, len(e.nodes)) == ("Exp", "gate", 2)
+    assert str(e).startswith("cannot freeze operation 'Exp' called in module 'gate': a smooth non-linearity")
     assert e.args == (str(e),) and "2 node(s)" in str(e) and "ThresholdedRelu" in str(e)
     assert getattr(e, "advice", e.nodes[0][2]).startswith(e.nodes[0][2])
 

@@ -236,6 +236,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
             swap = _frozen_module(child_name, child)
             if swap is not None:
                 setattr(m, child_name, swap)
+    if hasattr(oracle, "detach_attention"):  # attention written by hand (Swin): its softmax detached
+        oracle.detach_attention = True
     return oracle
 
 
@@ -418,3 +420,49 @@ def test_measured_errors_are_reported():
     """Prints the largest errors the tests above measured (run with -s to see them)."""
     print("value rule, largest measured relative errors:", {k: f"{v:.2e}" for k, v in MEASURED.items()})
     assert all(v <= TOL for v in MEASURED.values())
+
+
+# --------------------------------------------------------------------------
+# Normalizations written by hand: the statistic is allowed on its way into a divisor
+# --------------------------------------------------------------------------
+
+
+def _hand_norm(kind):
+    def norm(z):
+        c = z - z.mean(-1, keepdim=True)
+        if kind == "pow":
+            return c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5)
+        if kind == "dunder":
+            return c / ((c ** 2).mean(-1, keepdim=True).add(1e-5)).sqrt()
+        if kind == "var":
+            return c / torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + 1e-5)
+        if kind == "rsqrt":
+            return c * torch.rsqrt(z.var(-1, keepdim=True, unbiased=False) + 1e-5)
+        return c * (c.square().mean(-1, keepdim=True) + 1e-5).pow(-0.5)  # "pow(-1/2)"
+    return norm
+
+
+@pytest.mark.parametrize("kind", ["pow", "dunder", "var", "rsqrt", "pow(-1/2)"])
+def test_hand_written_layer_norm_is_frozen_like_the_module(kind, untouched):
+    """(z - m) / sqrt(var + eps) in five spellings: the same W as nn.LayerNorm (no affine)."""
+    hand, module = OpNet(Fn(_hand_norm(kind))), OpNet(nn.LayerNorm(8, elementwise_affine=False))
+    with untouched(hand):
+        rec = rv.reconstruct(hand, X)
+    ref = rv.reconstruct(module, X)
+    assert rec.exactness == "point-exact" and assert_exact(rec, hand, rel=TOL) <= TOL
+    assert float((rec.weight - ref.weight).abs().max()) <= 1e-12 * max(1.0, float(ref.weight.abs().max()))
+    assert [f.gate for f in rec.frozen] == ["factor"]
+
+
+@pytest.mark.parametrize("name, fn, op", [
+    ("sqrt added", lambda z: z + torch.sqrt(z.pow(2) + 1), "sqrt"),
+    ("rsqrt added", lambda z: z + torch.rsqrt(z.pow(2) + 1), "rsqrt"),
+    ("var returned", lambda z: z.var(-1, keepdim=True).expand_as(z), "Tensor.var"),
+    ("pow returned", lambda z: z.pow(3), "Tensor.pow"),
+])
+def test_a_statistic_used_outside_a_divisor_is_refused(name, fn, op, untouched):
+    model = OpNet(Fn(fn))
+    with untouched(model):
+        with pytest.raises(rv.UnsupportedOperationError) as info:
+            rv.reconstruct(model, X)
+    assert info.value.operation == op and "divisor" in str(info.value)
