@@ -3,6 +3,8 @@ piecewise-linear networks, for the tests (torchvision is not used)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -485,3 +487,110 @@ class SwinBlock(nn.Module):
 
 GATED_BLOCKS = {"mobilenetv3": MobileNetV3Block, "mbconv": MBConvBlock, "convnext": ConvNeXtBlock, "vit": TinyViT,
                 "swin": SwinBlock}
+
+
+# --------------------------------------------------------------------------
+# Random gated architectures (for hypothesis): tokens (N, T, D), the value rule's ops
+# --------------------------------------------------------------------------
+
+_PHI = {"sigmoid": (torch.sigmoid, 0.25), "tanh": (torch.tanh, 1.0), "softplus": (F.softplus, 0.5),
+        "elu": (F.elu, 1.0)}
+_SELF_GATED = {
+    "silu": (F.silu, torch.sigmoid), "gelu": (F.gelu, lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))),
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"),
+                  lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))),
+    "hardswish": (F.hardswish, lambda z: F.relu6(z + 3) / 6), "mish": (F.mish, lambda z: torch.tanh(F.softplus(z))),
+}
+GATED_ACTS = sorted(_PHI) + sorted(_SELF_GATED) + ["relu", "leaky_relu"]
+
+
+class GatedStage(nn.Module):
+    """One stage of :class:`RandomGatedNet` on (N, T, D); ``oracle``: the value rule written by
+    hand (its frozen factors detached), for the test's oracle."""
+
+    def __init__(self, spec: tuple, d: int):
+        super().__init__()
+        self.spec, self.oracle = spec, False
+        kind = spec[0]
+        if kind in ("linear", "res", "se", "attn"):
+            self.fc = nn.Linear(d, d)
+        if kind in ("res", "attn"):
+            self.fc2, self.fc3 = nn.Linear(d, d), nn.Linear(d, d)
+        if kind == "norm" and spec[1] in ("layer", "rms"):
+            self.norm = nn.LayerNorm(d) if spec[1] == "layer" else nn.RMSNorm(d, eps=1e-6)
+
+    def _act(self, z, name):
+        if name == "relu":
+            return F.relu(z)
+        if name == "leaky_relu":
+            return F.leaky_relu(z, 0.1)
+        if name in _SELF_GATED:
+            f, g = _SELF_GATED[name]
+            return z * g(z).detach() if self.oracle else f(z)
+        phi, d0 = _PHI[name]
+        if not self.oracle:
+            return phi(z)
+        at0 = phi(torch.zeros_like(z))
+        s = torch.where(z == 0, torch.full_like(z, d0), (phi(z) - at0) / torch.where(z == 0, torch.ones_like(z), z))
+        return at0 + s.detach() * z
+
+    def _frozen(self, t):
+        return t.detach() if self.oracle else t
+
+    def forward(self, z):
+        kind, o = self.spec[0], self._frozen
+        if kind == "linear":
+            return self.fc(z)
+        if kind == "act":
+            return self._act(z, self.spec[1])
+        if kind == "res":
+            return z + self.fc2(self._act(self.fc(z), self.spec[1]))
+        if kind == "se":  # z * gate(fc(mean over tokens))
+            s = self.fc(z.mean(1, keepdim=True))
+            gate = torch.sigmoid(s) if self.spec[1] == "sigmoid" else F.hardsigmoid(s)
+            return z * o(gate)
+        if kind == "attn":
+            q, k, v = self.fc(z), self.fc2(z), self.fc3(z)
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(z.shape[-1]), -1)
+            return z + o(a) @ v
+        c = z - z.mean(-1, keepdim=True)  # norms
+        if self.spec[1] == "layer":
+            if not self.oracle:
+                return self.norm(z)
+            return c * o(torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + self.norm.eps)) * self.norm.weight \
+                + self.norm.bias
+        if self.spec[1] == "rms":
+            return z * o(torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)) * self.norm.weight if self.oracle \
+                else self.norm(z)
+        if self.spec[1] == "normalize":
+            return z / o(z.norm(dim=-1, keepdim=True).clamp_min(1e-12)) if self.oracle else F.normalize(z, dim=-1)
+        return c / o(torch.sqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5))  # "by hand"
+
+
+class RandomGatedNet(nn.Module):
+    """(N, T, D) -> linear -> stages -> flatten -> linear to ``classes``. ``spec``: tokens,
+    width, classes, stages (kind, option)."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        t, d = spec["tokens"], spec["width"]
+        self.input_shape = (t, d)
+        self.inp = nn.Linear(d, d)
+        self.stages = nn.ModuleList(GatedStage(s, d) for s in spec["stages"])
+        self.head = nn.Linear(t * d, spec["classes"])
+        _randomize_norms(self, 6)
+
+    def as_oracle(self) -> "RandomGatedNet":
+        """A copy whose stages run the value rule by hand (frozen factors detached)."""
+        import copy
+
+        oracle = copy.deepcopy(self)
+        for s in oracle.stages:
+            s.oracle = True
+        return oracle
+
+    def forward(self, x):
+        z = self.inp(x)
+        for stage in self.stages:
+            z = stage(z)
+        return self.head(z.flatten(1))
