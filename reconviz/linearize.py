@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import InputError, ReconvizError, ReplayMismatchError
 from .ops.base import op_name, tensors_in
@@ -148,6 +149,11 @@ class LinearizedModel(nn.Module):
     def why_point_exact(self) -> str:
         """Why g = f at x0 only (the rule's words, for reports)."""
         return POINT_EXACT
+
+    @property
+    def frozen_priors(self) -> list[Prior]:
+        """The priors g applies (``rec.frozen``): all of them; none under the tangent rule."""
+        return self.priors
 
     @property
     def n_outputs(self) -> int:
@@ -295,9 +301,16 @@ class TangentModel(LinearizedModel):
     def why_point_exact(self) -> str:
         return POINT_EXACT_TANGENT
 
+    @property
+    def frozen_priors(self) -> list[Prior]:
+        return []  # nothing is frozen: g is the model's own first-order Taylor model
+
     def _model(self, x: Tensor) -> Tensor:
+        """f(x); scaled_dot_product_attention on its math kernel, which (unlike the fused CPU
+        kernels) has forward-mode and double-backward derivatives."""
         try:
-            return select_output(self.work(x), self.output, x.shape[0])
+            with sdpa_kernel([SDPBackend.MATH]):
+                return select_output(self.work(x), self.output, x.shape[0])
         finally:
             self.work._reconviz_stack.clear()  # type: ignore[attr-defined]
 

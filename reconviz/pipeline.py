@@ -302,7 +302,7 @@ def _meta(model: nn.Module, lin: LinearizedModel, method: str, basis: Any, seed:
         "tolerance": tolerance_for(lin.dtype),
         "exactness": lin.exactness,
         "gates": lin.gate_counts(),  # untyped counts per gate name; rec.frozen is the typed view
-        "frozen": [f.to_dict() for f in frozen_summary(lin.priors)],
+        "frozen": [f.to_dict() for f in frozen_summary(lin.frozen_priors)],
         "ties": lin.ties,
         "output": output if isinstance(output, (int, str)) else None,
     }

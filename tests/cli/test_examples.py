@@ -19,7 +19,7 @@ def _load(name: str):
 
 def test_every_example_is_tested():
     assert {p.stem for p in EXAMPLES.glob("*.py")} == {
-        "reconstruct_and_plot", "verify_digits", "overview_digits", "train_digits"}
+        "reconstruct_and_plot", "verify_digits", "overview_digits", "train_digits", "gated_vit"}
 
 
 def test_reconstruct_and_plot(tmp_path, capsys):
@@ -85,3 +85,15 @@ def test_train_digits_is_deterministic(tmp_path, capsys):
     assert not torch.are_deterministic_algorithms_enabled()  # main() restores the process-wide settings
     a, b = (torch.load(p, weights_only=True) for p in paths)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gated_vit(tmp_path, capsys):
+    """One epoch (the shipped default trains 12, 94 % held out): both rules point-exact and PASS."""
+    out = tmp_path / "vit"
+    assert _load("gated_vit").main(["--out", str(out), "--epochs", "1", "--digits", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "  value: point-exact" in text and "tangent: point-exact" in text and "FAIL" not in text
+    assert text.count(": PASS") == 2 and "frozen []: PASS" in text  # the tangent rule freezes nothing
+    err = float(text.split("logit_c = ")[1].split()[0])
+    assert err <= 1e-9
+    assert (out / "gated_vit.png").stat().st_size > 5_000

@@ -120,3 +120,9 @@ def test_linearize_returns_the_tangent_model_and_it_is_affine():
         f0 = model(X)
     assert float((g0 - f0).abs().max()) <= 1e-12  # g(x0) = f(x0)
     assert float((g2 - 2 * g1 + g0).abs().max()) <= 1e-12  # affine: equal steps, equal increments
+
+
+def test_nothing_is_listed_as_frozen_under_the_tangent_rule():
+    model = OpNet(OPS["nn.GELU"][0])
+    assert rv.reconstruct(model, X, linearization="tangent").frozen == []
+    assert [f.gate for f in rv.reconstruct(model, X).frozen] == ["gelu"]
