@@ -57,8 +57,9 @@ RUN_SCRIPT = Path(__file__).resolve().with_name("run.py")  # the entry point; ch
 PROG = "python benchmarks/run.py"
 RESULT_TAG = "RECONVIZ-BENCH-RESULT "
 DOC_START, DOC_END = "<!-- bench:start -->", "<!-- bench:end -->"
-RV_METHODS = ("basis-identity", "basis-hadamard", "basis-random", "adjoint", "head", "auto")
-RV_ALL = tuple(m for m in RV_METHODS if m != "head")  # every solve that runs on any net (head: a narrow head)
+RV_METHODS = ("basis-identity", "basis-hadamard", "basis-random", "adjoint", "head", "auto", "tangent")
+RV_ALL = tuple(m for m in RV_METHODS if m not in ("head", "tangent"))  # every solve that runs on any net
+# (head: a narrow head; tangent: linearization="tangent", auto's solve: gated nets, where it is not the value rule)
 ALT_METHODS = ("loop", "jacrev", "jacrev-c10", "jacrev-c50", "jacobian-vec")
 
 
@@ -129,6 +130,73 @@ def resnet18(classes: int = 1000):
     return _init_bn(model, 0)
 
 
+def efficientnet(classes: int = 100, size: int = 64):
+    """An EfficientNet-style gated net: SiLU stem, three MBConv blocks (1x1 expand x4, SiLU,
+    depthwise 3x3, SiLU, sigmoid squeeze-excitation, 1x1 project, residual where shapes allow),
+    global average pool, linear. Input 3 x size x size."""
+    import torch
+    import torch.nn as nn
+
+    class MBConv(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            wide = 4 * cin
+            self.expand = nn.Sequential(nn.Conv2d(cin, wide, 1), nn.BatchNorm2d(wide), nn.SiLU())
+            self.dw = nn.Sequential(nn.Conv2d(wide, wide, 3, stride, 1, groups=wide), nn.BatchNorm2d(wide), nn.SiLU())
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(wide, cin // 2, 1), nn.SiLU(),
+                                    nn.Conv2d(cin // 2, wide, 1), nn.Sigmoid())
+            self.project = nn.Sequential(nn.Conv2d(wide, cout, 1), nn.BatchNorm2d(cout))
+            self.skip = stride == 1 and cin == cout
+
+        def forward(self, x):
+            h = self.dw(self.expand(x))
+            h = self.project(h * self.se(h))
+            return x + h if self.skip else h
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU(), MBConv(16, 24, 2),
+                          MBConv(24, 24, 1), MBConv(24, 40, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(40, classes))
+    return _init_bn(model, 0)
+
+
+def vit(classes: int = 100, size: int = 32, patch: int = 4, d: int = 64, depth: int = 4, heads: int = 4):
+    """A ViT-style gated net: patch embedding, class token, position embedding, ``depth`` pre-norm
+    blocks (nn.MultiheadAttention, GELU MLP), LayerNorm, linear head. Input 3 x size x size."""
+    import torch
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+        def forward(self, z):
+            h = self.n1(z)
+            z = z + self.attn(h, h, h, need_weights=False)[0]
+            return z + self.mlp(self.n2(z))
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            tokens = (size // patch) ** 2
+            self.patch = nn.Conv2d(3, d, patch, patch)
+            self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+            self.pos = nn.Parameter(torch.randn(1, tokens + 1, d) * 0.02)
+            self.blocks = nn.Sequential(*(Block() for _ in range(depth)))
+            self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+        def forward(self, x):
+            z = self.patch(x).flatten(2).transpose(1, 2)
+            z = torch.cat([self.cls.expand(len(z), -1, -1), z], 1) + self.pos
+            return self.head(self.norm(self.blocks(z)[:, 0]))
+
+    torch.manual_seed(0)
+    return ViT().eval()
+
+
 def _digits(n: int | None):
     import numpy as np
     import torch
@@ -168,6 +236,7 @@ class Case:
     repeats: int = 3
     many_probes: bool = False
     full: tuple[str, ...] = ("head",)  # never on partial classes (the head's cost is its width P, not K)
+    gated: bool = False  # point-exact: the value rule's W is not the Jacobian (the loop's, the tangent's)
 
 
 def _vgg_case(size: int, classes: int, methods: tuple[str, ...], budget: float = 40.0) -> Case:
@@ -193,6 +262,12 @@ CASES: dict[str, Case] = {c.name: c for c in [
          budget=30.0, repeats=1, full=("head", "auto")),
     Case("resnet18", "ResNet-18-shaped 3x224x224, 1000 classes", lambda: (resnet18(), _random_input((3, 224, 224))),
          1000, ("adjoint", "loop", "basis-identity"), budget=15.0, repeats=1),
+    Case("effnet64-100", "EfficientNet-style (SiLU, sigmoid SE) 3x64x64, 100 classes, gated",
+         lambda: (efficientnet(), _random_input((3, 64, 64))), 100, ("adjoint", "auto", "tangent", "loop"),
+         budget=30.0, gated=True),
+    Case("vit32-100", "ViT-style (4 blocks, MHA, LayerNorm, GELU) 3x32x32, 100 classes, gated",
+         lambda: (vit(), _random_input((3, 32, 32))), 100, ("adjoint", "auto", "tangent", "loop"),
+         budget=30.0, gated=True),
 ]}
 QUICK = ("digits", "digits-all", "vgg64-100")
 QUICK_METHODS = {"vgg64-100": ("basis-identity", "adjoint", "auto", "loop", "jacrev-c10")}
@@ -214,8 +289,10 @@ def _rv_reconstruct(model, x, k: int, method: str, dtype, max_memory):
     import reconviz as rv
 
     kind, _, basis = method.partition("-")
-    rec = rv.reconstruct(model, x, classes=range(k), method=kind, basis=basis or "identity", dtype=dtype,
-                         max_memory=max_memory, progress=False)
+    rule = "tangent" if kind == "tangent" else "value"
+    rec = rv.reconstruct(model, x, classes=range(k), method="auto" if rule == "tangent" else kind,
+                         basis=basis or "identity", dtype=dtype, max_memory=max_memory, progress=False,
+                         linearization=rule)
     m = rec.meta
     info = {"chosen": m["method"], "chunk": m.get("chunk_size"), "streamed": rec.streamed,
             "rel_error": m["max_rel_error"], "timings": m["timings"]}
@@ -752,13 +829,17 @@ def _by_method(rows: list[dict], case: str) -> dict[str, dict]:
 
 
 def agreement(rows: list[dict]) -> None:
-    """Each row's fingerprint (W r + b) against the case's loop row: max relative difference."""
+    """Each row's fingerprint (W r + b) against the case's loop row: max relative difference. On a
+    gated case the value rule's rows are compared with its adjoint row (their W is not the loop's
+    Jacobian), the tangent rule's with the loop."""
     for case in {r["case"] for r in rows}:
         found = [r for r in rows if r["case"] == case and r.get("fingerprint")]
-        ref = next((r for r in found if r["method"] == "loop"), found[0] if found else None)
+        loop = next((r for r in found if r["method"] == "loop"), found[0] if found else None)
+        value = next((r for r in found if r["method"] == "adjoint"), loop)
+        gated = CASES[case].gated if case in CASES else False
         for r in found:
-            diff = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(r["fingerprint"], ref["fingerprint"]))
-            r["agree"] = diff
+            ref = value if gated and r["method"] not in ("loop", "tangent") else loop
+            r["agree"] = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(r["fingerprint"], ref["fingerprint"]))
 
 
 def _fmt_s(s: float | None) -> str:
@@ -855,7 +936,7 @@ def targets(rows: list[dict]) -> list[str]:
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         m = _by_method(rows, case)
-        rv_rows = {k: v for k, v in m.items() if k in RV_METHODS and k != "auto" and _ok(v)}
+        rv_rows = {k: v for k, v in m.items() if k in RV_METHODS and k not in ("auto", "tangent") and _ok(v)}
         auto, loop = m.get("auto"), m.get("loop")
         parts = []
         solo = m.get("adjoint")
@@ -874,6 +955,9 @@ def targets(rows: list[dict]) -> list[str]:
                 ratio = auto["seconds"] / loop["seconds"]
                 parts.append(f"auto / loop = {ratio:.2f} ({'PASS' if ratio <= 1.25 else 'FAIL'} <= 1.25"
                              f"{_with_checks(auto, loop)})")
+        tangent = m.get("tangent")
+        if tangent and _ok(tangent) and loop and _ok(loop):
+            parts.append(f"tangent / loop = {tangent['seconds'] / loop['seconds']:.2f}")
         mem = [(k, peak_bytes(v), weight_bytes(v)) for k, v in m.items() if k in RV_METHODS and _ok(v)]
         bad = [k for k, p, w in mem if p is not None and p > w + 1.5 * GB]
         if mem:
