@@ -268,6 +268,9 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("vit32-100", "ViT-style (4 blocks, MHA, LayerNorm, GELU) 3x32x32, 100 classes, gated",
          lambda: (vit(), _random_input((3, 32, 32))), 100, ("adjoint", "auto", "tangent", "loop"),
          budget=30.0, gated=True),
+    Case("vit32-1000", "ViT-style 3x32x32, 1000 classes, gated (head: 64 features)",
+         lambda: (vit(classes=1000), _random_input((3, 32, 32))), 1000, ("head", "auto", "adjoint", "loop"),
+         budget=30.0, repeats=1, full=("head", "auto"), gated=True),
 ]}
 QUICK = ("digits", "digits-all", "vgg64-100")
 QUICK_METHODS = {"vgg64-100": ("basis-identity", "adjoint", "auto", "loop", "jacrev-c10")}

@@ -8,6 +8,7 @@ makes the same sequence of gated calls as at the probe.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ from .errors import InputError, ReconvizError, ReplayMismatchError
 from .ops.base import op_name, tensors_in
 from .ops.factors import FACTOR, product_op
 from .ops.gates import Call, Gate, Prior, gate_named
-from .probe import MODEL_ERRORS, GateMode, OutputSelector, Probe, current_path, probe, select_output
+from .probe import MODEL_ERRORS, TAIL_KEPT, GateMode, OutputSelector, Probe, current_path, probe, select_output
 
 __all__ = ["LinearizedModel", "TangentModel", "linearize", "ReplayMode", "POINT_EXACT", "LINEARIZATIONS"]
 
@@ -91,6 +92,28 @@ class ReplayMode(GateMode):
                 f"the model made {self.i} gated calls, but the probe recorded {len(self.priors)}: "
                 "its control flow depends on the input"
             )
+
+
+class TailMode(ReplayMode):
+    """g's replay that also keeps the tensors made after the last gate, as the probe does
+    (:meth:`LinearizedModel.head_cut`'s candidates), in ``tail`` (a list given by the caller)."""
+
+    def __init__(self, work: nn.Module, priors: list[Prior], observer: Observer | None = None, *,
+                 tail: list, n: int):
+        super().__init__(work, priors, observer)
+        self.tail, self.n = tail, n
+
+    def run(self, gate: Gate, prior: Prior, call: Call) -> Any:
+        self.tail.clear()  # a gate: the affine tail starts at its output
+        return super().run(gate, prior, call)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs)
+        outs = list(tensors_in(out))
+        if len(outs) == 1 and outs[0].requires_grad and outs[0].dim() > 0 and outs[0].shape[0] == self.n:
+            self.tail.append((outs[0], outs[0]._version))
+            del self.tail[:-TAIL_KEPT]
+        return out
 
 
 class ModelMode(ReplayMode):
@@ -182,6 +205,14 @@ class LinearizedModel(nn.Module):
     def has_graph(self) -> bool:
         """The probe pass's graph is kept for a reverse-mode solve (:meth:`take_graph`)."""
         return self._graph is not None
+
+    def keep_replay_graph(self) -> None:
+        """Keep g's own graph at x0, from one replay pass (with the affine tail's tensors), when
+        the probe pass was not g's (a smooth gate continued with the op's own output there)."""
+        x, tail = self.probes.detach().clone().requires_grad_(True), []
+        with torch.enable_grad():
+            out = self(x, mode=functools.partial(TailMode, tail=tail, n=self.n_probes))
+        self._graph, self._tail, self._cut = (x, out), tail, None
 
     def take_graph(self) -> tuple[Tensor, Tensor] | None:
         """The probe pass's (x0 leaf, g(x0) with its graph), once; None if not kept.
@@ -376,6 +407,8 @@ def linearize(
     if tangent and lin.exactness == "point-exact":
         lin.take_graph()
         return TangentModel(found, keep_graph=keep_graph)
+    if keep_graph and not lin.has_graph:  # the probe pass was not g's: one replay pass keeps g's
+        lin.keep_replay_graph()
     return lin
 
 

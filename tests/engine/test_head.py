@@ -128,3 +128,18 @@ def test_head_streams_w_to_disk_like_every_solve(tmp_path):
     ref = rv.reconstruct(model, x, method="adjoint")
     assert rec.streamed
     assert float((torch.as_tensor(rec.weight) - ref.weight).abs().max() / ref.weight.abs().max()) <= 1e-10
+
+
+def test_head_on_a_gated_net_uses_a_replay_of_g_and_agrees_with_the_adjoint():
+    """A ViT (point-exact): the probe pass is not g's (smooth gates continue with their own
+    output), so one replay pass keeps g's graph; the cut is the final LayerNorm's output (8 wide)
+    under 200 classes, and auto takes it."""
+    from archs import TinyViT
+
+    model = TinyViT(classes=200).double().eval()
+    x = torch.randn(2, *model.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    lin = rv.linearize(model, x, keep_graph=True)
+    assert lin.exactness == "point-exact" and lin.head_cut() is not None and lin.head_cut().shape == (2, 8)
+    head = _agree(model, x)
+    assert head.exactness == "point-exact"
+    assert rv.reconstruct(model, x).meta["method"] == "head"
