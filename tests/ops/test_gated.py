@@ -466,3 +466,16 @@ def test_a_statistic_used_outside_a_divisor_is_refused(name, fn, op, untouched):
         with pytest.raises(rv.UnsupportedOperationError) as info:
             rv.reconstruct(model, X)
     assert info.value.operation == op and "divisor" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["mbconv", "vit"])
+def test_every_solve_gives_the_same_value_rule_w(name):
+    """identity, Hadamard and random bases, the adjoint and auto: one W, to 1e-10 relative."""
+    torch.manual_seed(11)
+    model = GATED_BLOCKS[name]().double().eval()
+    x = torch.randn(2, *model.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = rv.reconstruct(model, x, method="adjoint").weight
+    for kw in ({"method": "basis"}, {"method": "basis", "basis": "hadamard"},
+               {"method": "basis", "basis": "random", "seed": 3}, {"method": "auto"}):
+        w = rv.reconstruct(model, x, **kw).weight
+        assert float((w - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max())), kw
