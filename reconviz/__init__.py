@@ -25,6 +25,7 @@ from .radius import Radius, certified_radius
 from .reconstruction import FrozenOp, Reconstruction, tolerance_for
 from .verify import VerificationReport, VerifyBackend, verify
 from .report import report  # the function: it shadows the submodule reconviz.report
+from .dataset import TemplateSet, reconstruct_dataset
 
 __version__ = "0.1.0"
 
@@ -32,16 +33,18 @@ __all__ = [
     "Basis", "make_basis", "ExactnessError", "HooksRemovedWarning", "InputError", "ReconvizError", "ReplayMismatchError",
     "TrainingModeWarning", "UnsupportedOperationError", "Gate", "Prior", "register_gate", "registered_gates",
     "LinearizedModel", "linearize", "reconstruct", "Radius", "certified_radius", "Reconstruction",
-    "FrozenOp", "tolerance_for", "VerificationReport", "VerifyBackend", "verify", "report", "__version__",
+    "FrozenOp", "tolerance_for", "VerificationReport", "VerifyBackend", "verify", "report", "reconstruct_dataset",
+    "TemplateSet", "__version__",
 ]
 
 
 def __getattr__(name: str):
-    # Submodules with heavier imports load on first use: rv.plot, rv.saliency, rv.metrics, rv.onnx, rv.models
+    # Submodules with heavier imports load on first use: rv.plot, rv.saliency, rv.metrics, rv.onnx, rv.models,
+    # rv.features, rv.data
     import importlib
     import warnings
 
-    if name in ("plot", "saliency", "metrics", "onnx", "models"):
+    if name in ("plot", "saliency", "metrics", "onnx", "models", "features", "data"):
         return importlib.import_module(f".{name}", __name__)
     if name == "GATES":  # was a mutable list: now a snapshot, and a warning
         warnings.warn("rv.GATES is deprecated: use rv.registered_gates() (a tuple) to read the registry and "

@@ -1,4 +1,5 @@
-"""The ``reconviz`` command line: ``demo``, ``reconstruct``, ``verify``, ``show``, ``report``.
+"""The ``reconviz`` command line: ``demo``, ``reconstruct``, ``verify``, ``show``, ``report``, ``dataset``,
+``features``.
 
 Argument parsing and one function per command: models, inputs and saved
 reconstructions are loaded by :mod:`reconviz.io`; the work is the library's
@@ -224,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnxruntime", "both"], default="torch",
                    help="verify in PyTorch (default), onnxruntime, or both")
     p.set_defaults(func=cmd_report)
+
+    # dataset ----------------------------------------------------------------
+    from .dataset.command import add_parser as add_dataset_parser
+
+    add_dataset_parser(sub, [debug, model_opts, input_opts])
+
+    # features ---------------------------------------------------------------
+    from .features.command import add_parser as add_features_parser
+
+    add_features_parser(sub, [debug, model_opts, input_opts], cmd_features, _positive_int)
     return parser
 
 
@@ -541,6 +552,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     write(page, out / "report.html")
     written.append(out / "report.html")
+    from .features.command import demo_features
+
+    written += demo_features(model, names, out)  # inside the network: out/features/
     _print_written(written, out)
     verdict = "PASS" if report.ok else "FAIL"
     print(f"\n{verdict}: f(x) = W x + b reproduces all {rec.n_classes} logits at {rec.n_probes} digits "
@@ -639,6 +653,20 @@ def cmd_report(args: argparse.Namespace) -> int:
            command=args.command_line)
     _print_written([path], path.parent)
     return EXIT_PASS if verification.ok else EXIT_FAIL
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from .features.command import check_args, run_features
+
+    check_args(args)
+    out = _out_dir(args.out)
+    loaded = _model(args)
+    if not loaded.is_torch:
+        raise UsageError(f"'reconviz features' runs in PyTorch; the {loaded.describe()} {args.model} is not a PyTorch "
+                         "model: pass a state_dict .pt with --arch (or a pickled module with --unsafe-pickle)")
+    _use_agg()
+    _print_written(run_features(loaded.module, args, out), out)
+    return EXIT_PASS
 
 
 def _report_path(text: str) -> Path:

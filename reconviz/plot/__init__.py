@@ -11,8 +11,10 @@ pyplot figure (``plt.show()``, notebooks) that the caller closes when done.
 """
 
 from .contributions import completeness_bar, contributions
+from .dataset import class_templates
 from .equivalence import equivalence
 from .overview import overview
 from .templates import class_mean_templates, templates
 
-__all__ = ["templates", "class_mean_templates", "contributions", "completeness_bar", "equivalence", "overview"]
+__all__ = ["templates", "class_mean_templates", "contributions", "completeness_bar", "equivalence", "overview",
+           "class_templates"]

@@ -83,11 +83,12 @@ ENTRIES: dict[str, Callable] = {
     "onnx.onnxruntime_columns": lambda m, x, t: rv.onnx.onnxruntime_columns(m, _rec(m, x), x),
     "plot.overview": lambda m, x, t: rv.plot.overview(m, x, _rec(m, x)),
     "report": lambda m, x, t: rv.report(m, x, "report.html", classes=[t], top=1),
+    "reconstruct_dataset": lambda m, x, t: rv.reconstruct_dataset(m, x, classes=[t], by="prediction"),
 }
 
 # the entry points that reconstruct (and so refuse a non-piecewise-linear op)
 RECONSTRUCTING = ("reconstruct", "reconstruct basis", "linearize", "certified_radius", "verify", "template",
-                  "verify onnxruntime", "onnx.onnxruntime_columns", "report")
+                  "verify onnxruntime", "onnx.onnxruntime_columns", "report", "reconstruct_dataset")
 
 
 def _probes() -> torch.Tensor:
