@@ -281,3 +281,16 @@ def open_path(path: str | os.PathLike, *, size: Sequence[int] | None = None,
     except (ValueError, OSError) as e:
         raise InputError(f"cannot read {p} as a numpy array: {e}") from e
     raise InputError(f"data {p}: expected a folder of class subfolders, a .npy or a .npz file")
+
+
+def normalise(x: Tensor, scale: float | None, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+    """(x * scale - mean) / std, mean and std per channel (one value, or one per channel): the
+    command line's --scale / --mean / --std."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        x = x * scale
+    if mean is not None:
+        x = x - x.new_tensor(mean).reshape(shape)
+    if std is not None:
+        x = x / x.new_tensor(std).reshape(shape)
+    return x

@@ -116,18 +116,9 @@ def _transform(args: argparse.Namespace) -> Callable | None:
     scale, mean, std = args.scale, args.mean, args.std
     if scale is None and mean is None and std is None:
         return None
+    from ..data import normalise
 
-    def apply(x: Any) -> Any:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        if scale is not None:
-            x = x * scale
-        if mean is not None:
-            x = x - x.new_tensor(mean).reshape(shape)
-        if std is not None:
-            x = x / x.new_tensor(std).reshape(shape)
-        return x
-
-    return apply
+    return lambda x: normalise(x, scale, mean, std)
 
 
 def _classes(text: str | None) -> list[int] | None:

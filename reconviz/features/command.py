@@ -80,25 +80,13 @@ def run_features(model: Any, args: argparse.Namespace, out: Path) -> list[Path]:
 
 def _data(args: argparse.Namespace) -> Any:
     """DATA with --size / --grayscale / --rgb (folders) and --scale, --mean, --std applied to every batch."""
-    from ..data import Mapped, open_path
+    from ..data import Mapped, normalise, open_path
 
     channels = 1 if args.grayscale else 3 if args.rgb else None
     source = open_path(args.data, size=args.size, channels=channels)
     if args.scale is None and args.mean is None and args.std is None:
         return source
-    return Mapped(source, lambda x: _normalise(x, args.scale, args.mean, args.std))
-
-
-def _normalise(x: Any, scale: float | None, mean: list[float] | None, std: list[float] | None) -> Any:
-    """(x * scale - mean) / std, mean and std per channel (one value, or one per channel)."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if scale is not None:
-        x = x * scale
-    if mean is not None:
-        x = x - x.new_tensor(mean).reshape(shape)
-    if std is not None:
-        x = x / x.new_tensor(std).reshape(shape)
-    return x
+    return Mapped(source, lambda x: normalise(x, args.scale, args.mean, args.std))
 
 
 def _ints(text: str | None, flag: str) -> list[int] | None:
