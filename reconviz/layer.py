@@ -22,9 +22,10 @@ from .probe import MODEL_ERRORS, check_probe_input, eval_copy
 __all__ = ["LayerTail", "layer_tail", "parse_layer", "model_of"]
 
 
-def parse_layer(model: nn.Module, layer: Any) -> tuple[str, int]:
-    """``"name"`` or ``"name#k"`` (the k-th call, from 1, of a module called more than once) ->
-    (name, k); InputError when the model has no such module."""
+def parse_layer(model: nn.Module, layer: Any) -> tuple[str, int | None]:
+    """``"name"`` -> (name, None), or ``"name#k"`` -> (name, k): call k, counted from 0 as the
+    layer-gradient selectors count them, of a module called more than once; InputError when the
+    model has no such module."""
     if not isinstance(layer, str) or not layer:
         raise InputError(f"layer must be a module name (str, as in model.named_modules()), got {layer!r:.60}")
     name, _, call = layer.partition("#")
@@ -34,15 +35,15 @@ def parse_layer(model: nn.Module, layer: Any) -> tuple[str, int]:
     if not name or name not in mods:
         some = [k for k in mods if k][:20]
         raise InputError(f"layer={layer!r}: the model has no module named {name!r}; some names: {some}")
-    return name, int(call) if call else 0
+    return name, int(call) if call else None
 
 
 class LayerTail(nn.Module):
-    """``f_L(a)``: ``model`` run at ``inputs`` with the output of layer ``name`` (its ``call``-th
-    call; 0: its only call) replaced by ``a``. A batch of ``r * N`` activations runs the model at
+    """``f_L(a)``: ``model`` run at ``inputs`` with the output of layer ``name`` (its call number
+    ``call``, from 0; None: its only call) replaced by ``a``. A batch of ``r * N`` activations runs the model at
     ``inputs`` repeated r times (activation i belongs to probe i % N, as in the linearized model)."""
 
-    def __init__(self, model: nn.Module, name: str, call: int, inputs: Tensor):
+    def __init__(self, model: nn.Module, name: str, call: int | None, inputs: Tensor):
         super().__init__()
         self.model, self.name, self.call = model, name, call
         self.register_buffer("inputs", inputs)
@@ -54,29 +55,31 @@ class LayerTail(nn.Module):
         return run_swapped(self.model, self.name, self.call, x, lambda out: _replace(out, a, self.name))
 
     def extra_repr(self) -> str:
-        return f"layer={self.name!r}" + (f", call={self.call}" if self.call else "")
+        return f"layer={self.name!r}" + (f", call={self.call}" if self.call is not None else "")
 
 
-def run_swapped(model: nn.Module, name: str, call: int, x: Tensor, swap: Any) -> Any:
-    """``model(x)`` with ``swap(out)`` applied to the output of module ``name`` at its ``call``-th
-    call (0: it must be called exactly once); the forward hook is removed on exit."""
+def run_swapped(model: nn.Module, name: str, call: int | None, x: Tensor, swap: Any) -> Any:
+    """``model(x)`` with ``swap(out)`` applied to the output of module ``name`` at call number
+    ``call`` (from 0; None: it must be called exactly once); the forward hook is removed on exit."""
     seen = [0]
+    target = 0 if call is None else call
 
     def hook(module: nn.Module, args: Any, out: Any) -> Any:
         seen[0] += 1
-        return swap(out) if seen[0] == max(call, 1) else None
+        return swap(out) if seen[0] == target + 1 else None
 
     handle = model.get_submodule(name).register_forward_hook(hook)
     try:
         out = model(x)
     finally:
         handle.remove()
-    if seen[0] == 0 or seen[0] < call:
+    if seen[0] <= target:
         raise InputError(f"layer {name!r} ran {seen[0]} time(s) in the forward pass"
-                         + (f", so it has no call {call}" if call else ": choose a layer the forward uses"))
-    if call == 0 and seen[0] > 1:
+                         + (f", so it has no call #{call} (calls count from 0)" if call is not None
+                            else ": choose a layer the forward uses"))
+    if call is None and seen[0] > 1:
         raise InputError(f"layer {name!r} runs {seen[0]} times in one forward pass: choose one call with "
-                         f"layer='{name}#k', k = 1..{seen[0]}")
+                         f"layer='{name}#k', k = 0..{seen[0] - 1}")
     return out
 
 

@@ -101,7 +101,7 @@ def reconstruct(
             (point-exact; on a piecewise-linear net the two rules coincide and the result is
             the value rule's, region-exact). See docs/exactness.md.
         layer: reconstruct from that module's output to the logits instead of from the
-            input (a name from ``model.named_modules()``; ``"name#k"``: its k-th call): W has
+            input (a name from ``model.named_modules()``; ``"name#k"``: its call k, from 0): W has
             the layer's activation shape, ``rec.probes`` are the activations at ``x``,
             ``rec.inputs`` is ``x``, and ``sum(W_c * a) + b_c`` is logit c exactly, so
             ``rec.contributions()`` are the units' exact contributions (b_c holds the rest,

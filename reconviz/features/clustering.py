@@ -201,9 +201,7 @@ def _contributions(model: nn.Module, x: torch.Tensor, key: str, label: torch.Ten
     """(B, C): each channel's exact contribution ``sum_s (W_y * a)`` to the logit of the sample's class y."""
     from ..pipeline import reconstruct
 
-    name, _, call = key.partition("#")
-    layer = f"{name}#{int(call) + 1}" if call else name  # reconstruct counts calls from 1
-    rec = reconstruct(model, x, dtype=dtype, layer=layer)
+    rec = reconstruct(model, x, dtype=dtype, layer=key)  # the same "name#k" keys, counted from 0
     c = rec.contributions()  # (B, K, C, *spatial)
     cls = rec.classes.tolist()
     pos = torch.tensor([cls.index(int(v)) for v in label])
