@@ -36,6 +36,7 @@ __all__ = ["main", "UsageError"]
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 REC_NAME = "reconstruction.npz"
+DEMO_TOP = 5  # classes per probe on the demo's report page (its templates: the top five of ten)
 MAX_FIGURE_PROBES = 16
 
 _onnx_file = LoadedModel.onnx_file  # (loaded, x, workdir): a TorchScript model's ONNX export
@@ -542,7 +543,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(report)
 
     written = [rec.save(out / REC_NAME), *_write_report(report, out)]
-    page = render(model, x, rec=rec, verification=report, class_names=names, top=len(names), figure_dir=out,
+    page = render(model, x, rec=rec, verification=report, class_names=names, top=DEMO_TOP, figure_dir=out,
                   labels=[f"digit{names[c]}" for c in labels], command=args.command_line)  # draws the figures
     written += page.figures
     written += [
