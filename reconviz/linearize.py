@@ -21,7 +21,8 @@ from .errors import InputError, ReconvizError, ReplayMismatchError
 from .ops.base import op_name, tensors_in
 from .ops.factors import FACTOR, product_op
 from .ops.gates import Call, Gate, Prior, gate_named
-from .probe import MODEL_ERRORS, TAIL_KEPT, GateMode, OutputSelector, Probe, current_path, probe, select_output
+from .probe import (MODEL_ERRORS, GateMode, OutputSelector, Probe, current_path, keep_cut_candidate, probe,
+                    select_output)
 
 __all__ = ["LinearizedModel", "TangentModel", "linearize", "ReplayMode", "POINT_EXACT", "LINEARIZATIONS"]
 
@@ -109,10 +110,7 @@ class TailMode(ReplayMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = super().__torch_function__(func, types, args, kwargs)
-        outs = list(tensors_in(out))
-        if len(outs) == 1 and outs[0].requires_grad and outs[0].dim() > 0 and outs[0].shape[0] == self.n:
-            self.tail.append((outs[0], outs[0]._version))
-            del self.tail[:-TAIL_KEPT]
+        keep_cut_candidate(self.tail, list(tensors_in(out)), self.n)
         return out
 
 

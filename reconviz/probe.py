@@ -257,9 +257,7 @@ class RecordMode(GateMode):
             return
         if gate_for(func) is not None and any(t.requires_grad for t in outs):
             self.tail.clear()  # an input-dependent gate: the tail starts at its output
-        if len(outs) == 1 and outs[0].requires_grad and outs[0].dim() > 0 and outs[0].shape[0] == self.n:
-            self.tail.append((outs[0], outs[0]._version))
-            del self.tail[:-TAIL_KEPT]
+        keep_cut_candidate(self.tail, outs, self.n)
 
     def saw(self, *objs: Any) -> None:
         """Remember the autograd nodes of input-dependent tensors a seen call produced."""
@@ -351,6 +349,14 @@ class RecordMode(GateMode):
 
 
 TAIL_KEPT = 64  # candidate cuts kept from the affine tail (the last ones)
+
+
+def keep_cut_candidate(tail: list[tuple[Tensor, int]], outs: list[Tensor], n: int) -> None:
+    """Append a call's output to ``tail`` (with its version) when it is one input-dependent
+    tensor with the batch of ``n`` in front; keep the last :data:`TAIL_KEPT`."""
+    if len(outs) == 1 and outs[0].requires_grad and outs[0].dim() > 0 and outs[0].shape[0] == n:
+        tail.append((outs[0], outs[0]._version))
+        del tail[:-TAIL_KEPT]
 
 # autograd nodes that stand for a view of a tensor modified in place (regenerated lazily)
 _VIEW_REGENERATION = {"AsStridedBackward0", "AsStridedBackward1", "CopySlices"}
