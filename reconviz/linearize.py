@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import InputError, ReconvizError, ReplayMismatchError
 from .ops.base import op_name, tensors_in
 from .ops.factors import FACTOR, product_op
-from .ops.gates import Call, Gate, Prior, gate_named
+from .ops.gates import Call, Gate, Prior, gate_named, in_layout_of
 from .probe import (MODEL_ERRORS, GateMode, OutputSelector, Probe, current_path, keep_cut_candidate, probe,
                     select_output)
 
@@ -84,8 +84,8 @@ class ReplayMode(GateMode):
         return self.run(FACTOR, prior, Call(func, z, {}, args=args, kwargs=kwargs))
 
     def run(self, gate: Gate, prior: Prior, call: Call) -> Any:
-        """The gated call, frozen at its prior."""
-        return gate.apply(prior, call)
+        """The gated call, frozen at its prior (in its input's memory layout)."""
+        return in_layout_of(gate.apply(prior, call), call.z)
 
     def finish(self) -> None:
         if self.i != len(self.priors):

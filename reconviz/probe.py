@@ -28,7 +28,7 @@ from .ops import check_call, check_result, input_dependent
 from .ops.registry import NO_GRAD_ADVICE, composite_body
 from .ops.base import in_place, op_name, tensors_in
 from .ops.factors import FACTOR, Provenance, product_op
-from .ops.gates import Call, Gate, Prior, gate_for, gate_named
+from .ops.gates import Call, Gate, Prior, gate_for, gate_named, in_layout_of
 
 __all__ = ["Probe", "probe", "record", "Recording", "check_dtype", "check_model", "eval_copy", "select_output", "check_probe_input"]
 
@@ -333,6 +333,7 @@ class RecordMode(GateMode):
             )
         expected = _reference(call)
         out, tensors, params, ties = gate.record(call, self.n)
+        out = in_layout_of(out, call.z)
         _check_frozen(call, out, expected, path)
         self.priors.append(self._prior(gate, call, path, tensors, params, ties))
         self._mark(call.func, call.args, out, mark)

@@ -53,15 +53,30 @@ _IN_PLACE_DUNDERS = {"__setitem__"} | {
 
 
 def tensors_in(obj: Any) -> Iterator[Tensor]:
-    """Every tensor in (nested) tuples, lists and dicts."""
+    """Every tensor in (nested) tuples, lists and dicts (depth first, in order)."""
+    return iter(_collect(obj, []))
+
+
+_ATOMS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size, slice)
+
+
+def _collect(obj: Any, found: list[Tensor]) -> list[Tensor]:
+    """:func:`tensors_in` into ``found``: it runs on every argument of every intercepted call, so
+    plain values are skipped by exact type before the (slow) abstract Mapping check."""
     if isinstance(obj, Tensor):
-        yield obj
+        found.append(obj)
+    elif type(obj) in _ATOMS:
+        pass
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from tensors_in(o)
+            if isinstance(o, Tensor):
+                found.append(o)
+            elif type(o) not in _ATOMS:
+                _collect(o, found)
     elif isinstance(obj, Mapping):
         for o in obj.values():
-            yield from tensors_in(o)
+            _collect(o, found)
+    return found
 
 
 def input_dependent(obj: Any) -> bool:

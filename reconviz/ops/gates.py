@@ -107,6 +107,25 @@ def tile_probes(value: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     return value.repeat(*reps)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def in_layout_of(out: Any, z: Tensor) -> Any:
+    """``out`` (a gate's frozen output, or its first element) in the memory layout of its input
+    ``z`` when z is channels-last, as torch's own pooling and activations keep it. The frozen
+    forms' gathers and reshapes return contiguous tensors; the next convolution's kernels for
+    the two layouts differ by up to 2x in time (forward and backward), so g would otherwise
+    run slower kernels than the model it replaces. The values are the same."""
+    layout = _CHANNELS_LAST.get(z.dim())
+    if layout is None or z.is_contiguous() or not z.is_contiguous(memory_format=layout):
+        return out
+    if isinstance(out, tuple) and out:
+        return (in_layout_of(out[0], z), *out[1:])
+    if not isinstance(out, Tensor) or out.dim() != z.dim() or out.is_contiguous(memory_format=layout):
+        return out
+    return out.contiguous(memory_format=layout)
+
+
 def per_probe(t: Tensor, n: int) -> Tensor:
     """View a batch of B = r * n rows as (r, n, ...)."""
     if t.shape[0] % n:

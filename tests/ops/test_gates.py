@@ -484,3 +484,23 @@ def test_one_registry_routes_onnx_op_types_and_restores_them():
     with pytest.raises(rv.InputError, match="onnx_ops must be a tuple"):
         rv.register_gate(Bad())
     assert gate_for_onnx("Relu") is not None and "bad_relu" not in [g.name for g in rv.registered_gates()]
+
+
+def test_frozen_gates_keep_a_channels_last_input_in_its_layout():
+    """A channels-last input stays channels-last through the frozen ReLU and max pool (a gather,
+    contiguous by itself), in the probe pass and in the replay, as through torch's own ops: the
+    next convolution runs the kernels the model runs (up to 2x faster on a CPU). W unchanged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)).double().eval()
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    layouts: list[bool] = []
+    net[3].register_forward_pre_hook(
+        lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    net(x.double())
+    lin = rv.linearize(net, x, keep_hooks=True)
+    lin(x.double())
+    assert layouts == [True, True, True]  # the model's own pass, the probe pass, the replay
+    rec = rv.reconstruct(net, x, keep_hooks=True)
+    jac = torch.autograd.functional.jacobian(lambda v: net(v.unsqueeze(0))[0], x[0].double())
+    torch.testing.assert_close(rec.weight[0], jac.reshape(5, *x.shape[1:]), rtol=0, atol=1e-12)
