@@ -173,8 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=_positive_int, default=None, metavar="M",
                    help="basis columns per forward pass / classes per backward pass")
     g.add_argument("--seed", type=int, default=0, help="seed of the random basis (default 0)")
-    g.add_argument("--backend", choices=["torch", "onnxruntime", "both"], default="torch",
-                   help="verify in PyTorch (default), onnxruntime, or both (torch models)")
+    _backend_option(g)
     g.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=cmd_reconstruct)
 
@@ -192,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", metavar="INPUT", nargs="*", help="inputs to compare at (default: the probes)")
     p.add_argument("--tolerance", type=float, default=None, metavar="REL",
                    help="relative tolerance (default: 1e-9 for float64, 1e-4 for float32)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "both"], default="torch",
-                   help="verify in PyTorch (default), onnxruntime, or both (torch models)")
+    _backend_option(p)
     p.add_argument("--out", default=None, metavar="DIR", help="also write report.txt and report.json here")
     p.set_defaults(func=cmd_verify)
 
@@ -223,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the HTML file (default report.html; a folder gets report.html inside)")
     p.add_argument("--classes", default=None, metavar="LIST|top-K", help="classes to reconstruct (as for reconstruct)")
     p.add_argument("--top", type=_positive_int, default=3, metavar="K", help="classes shown per probe (default 3)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "both"], default="torch",
-                   help="verify in PyTorch (default), onnxruntime, or both")
+    _backend_option(p)
     p.set_defaults(func=cmd_report)
 
     # dataset ----------------------------------------------------------------
@@ -237,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_features_parser(sub, [debug, model_opts, input_opts], cmd_features, _positive_int)
     return parser
+
+
+def _backend_option(p: Any) -> None:
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "both"], default="torch",
+                   help="verify in PyTorch (default), onnxruntime, or both (torch models)")
 
 
 def _model_and_inputs(p: argparse.ArgumentParser, model_help: str) -> None:

@@ -181,9 +181,8 @@ def reconstruct(
 def _from_layer(model: Any, x: Tensor, layer: Any, dtype: torch.dtype,
                 keep_hooks: bool) -> tuple[nn.Module, Tensor, Tensor]:
     """(the network from ``layer`` to the logits, its activations at x, x in dtype)."""
-    if is_onnx_model(model) or isinstance(model, LinearizedModel):
-        raise InputError("layer= needs the torch model itself (an nn.Module), not an ONNX model or a "
-                         "LinearizedModel")
+    if isinstance(model, LinearizedModel):  # (an ONNX model never gets here: reconstruct routes it first)
+        raise InputError("layer= needs the torch model itself (an nn.Module), not a LinearizedModel")
     check_dtype(dtype)
     tail, activations = layer_tail(model, layer, x, dtype, keep_hooks=keep_hooks)
     return tail, activations, tail.inputs

@@ -145,16 +145,9 @@ class Provenance:
         deps = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
         statistic = statistic_kind(func, args, kwargs)
         if statistic is not None and deps:  # refused by the registry: the output is marked instead
-            self._refuse_factor_only(deps)
+            self._refuse_marked(deps, kind="factor")  # a softmax's statistic has no frozen form
             return Step(args, kwargs, deferred=statistic, hint=STATISTIC_HINT)
         return Step(args, kwargs, out=self._combine(deps))
-
-    def _refuse_factor_only(self, deps: list[Tensor]) -> None:
-        """A statistic of a softmax (factor-only, not pending) has no frozen form: its refusal."""
-        for t in deps:
-            m = self.mark(t)
-            if m is not None and m.kind == "factor" and m.only:
-                raise m.error
 
     def _combine(self, deps: list[Tensor]) -> Mark | None:
         """All deps marked: the most restrictive mark; else linear (raising a restricted one)."""
@@ -165,10 +158,11 @@ class Provenance:
         return next((m for m in marks if m.kind == "pending"), None) or \
             next((m for m in marks if m.only), marks[0])
 
-    def _refuse_marked(self, deps: list[Tensor]) -> None:
+    def _refuse_marked(self, deps: list[Tensor], kind: str | None = None) -> None:
+        """Raise the refusal of the first dep whose mark is restricted (of ``kind``, if given)."""
         for t in deps:
             m = self.mark(t)
-            if m is not None and m.only:
+            if m is not None and m.only and kind in (None, m.kind):
                 raise m.error
 
     def _product(self, func: Callable, args: tuple, kwargs: dict, op: Product, path: str) -> Step:
