@@ -17,7 +17,7 @@ Methods, per case (every one computes each probe's W row of its own label, in fl
 Timings: medians of repeats of the CPU time of this process (one torch thread: CPU time is the
 work, which the load of other processes inflates far less than wall time). Scaling: the same
 ``reconstruct_dataset`` call in 1 process and in 2 gloo processes (one thread each; wall time of
-the call, the slower rank's, start-up excluded); efficiency = T1 / (2 T2).
+the call, the slower rank's, start-up and a warm-up call excluded); efficiency = T1 / (2 T2).
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def run_case(name: str, repeats: int, log: Callable[[str], None]) -> list[dict]:
 
 
 def rank_child(name: str) -> None:
-    """One rank (or the single process): time the reconstruct_dataset call after a barrier."""
+    """One rank (or the single process): time the reconstruct_dataset call after a warm-up call (the
+    first call of a fresh process pays one-time costs: lazy imports, first kernels) and a barrier."""
     import torch
 
     torch.set_num_threads(1)
@@ -168,6 +169,8 @@ def rank_child(name: str) -> None:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
+    rv_dataset(model, x[: 2 * batch], y[: 2 * batch], batch)  # warm: one-time costs of a fresh process out
+    if dist is not None:
         dist.barrier()
     c, w = time.process_time(), time.perf_counter()
     ts = rv_dataset(model, x, y, batch)
@@ -292,7 +295,7 @@ def report(rows: list[dict], scale: list[dict], command: str, minutes: float, ma
              "Targets, as measured in this run:", "", *targets(rows), "",
              "Cost model (CPU time per probe, in units of F; docs/scaling.md extrapolates it):", "",
              *cost_model(rows), "",
-             "1 vs 2 processes (gloo, one thread each; the call alone, start-up excluded; medians):", "",
+             "1 vs 2 processes (gloo, one thread each; the call alone, after a warm-up call on two batches; medians):", "",
              *scaling_lines(scale), END]
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,6 @@ import os
 import tempfile
 import weakref
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .errors import ExactnessError, InputError
-from .files import atomic_write
+from .files import atomic_write, read_npz
 from .selfcheck import SelfCheck, relative_error
 
 if TYPE_CHECKING:
@@ -419,7 +418,6 @@ def _savez_blockwise(f, arrays: dict[str, np.ndarray], blocks: list[tuple[int, i
 
 _MEMBERS = ("weight", "bias", "classes", "logits", "probes", "meta")
 _OPTIONAL = ("inputs",)  # a layer's reconstruction: the model inputs behind its activations
-_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _bad_file(path: Path, what: str) -> InputError:
@@ -439,19 +437,8 @@ def _device(map_location: Any, mmap: bool) -> torch.device:
 
 def _read_members(path: Path, skip: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays of a .npz (no unpickling); InputError for anything but a complete reconstruction."""
-    if not path.is_file():
-        raise InputError(f"cannot read reconstruction {path}: there is no such file")
-    if not zipfile.is_zipfile(path):
-        raise _bad_file(path, "it is not a .npz (zip) archive")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _MEMBERS if k not in z.files]
-            arrays = {k: z[k] for k in _MEMBERS + _OPTIONAL if k in z.files and k not in skip}
-    except _READ_ERRORS as e:
-        raise _bad_file(path, f"its arrays cannot be read ({' '.join(str(e).split())})") from e
-    if missing:
-        raise _bad_file(path, f"the member(s) {', '.join(missing)} are missing")
-    return arrays
+    wanted = [k for k in _MEMBERS + _OPTIONAL if k not in skip]
+    return read_npz(path, "reconstruction", _bad_file, _MEMBERS, wanted)
 
 
 def _number(v: Any) -> bool:

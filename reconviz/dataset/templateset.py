@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..files import atomic_write
+from ..files import atomic_write, read_npz
 from .moments import Moments
 
 __all__ = ["TemplateSet", "FailedProbe", "FORMAT"]
@@ -154,19 +153,7 @@ def _bad(path: Path, what: str) -> InputError:
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise InputError(f"cannot read template set {path}: there is no such file")
-    if not zipfile.is_zipfile(path):
-        raise _bad(path, "it is not a .npz (zip) archive")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _MEMBERS if k not in z.files]
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise _bad(path, f"its arrays cannot be read ({' '.join(str(e).split())})") from e
-    if missing:
-        raise _bad(path, f"the member(s) {', '.join(missing)} are missing")
-    return arrays
+    return read_npz(path, "template set", _bad, _MEMBERS)
 
 
 def _check_shapes(path: Path, ts: TemplateSet) -> None:

@@ -87,3 +87,18 @@ def test_class_templates_figure(ref, tmp_path):
     assert len(fig.axes) >= 30
     with pytest.raises(rv.InputError, match="not in the template set"):
         rv.plot.class_templates(ts, classes=[42])
+
+
+def test_load_refuses_a_corrupt_compressed_member(ref, tmp_path):
+    """A template set re-packed with np.savez_compressed and then damaged: zlib's error inside the
+    member comes out as the typed InputError, as Reconstruction.load's does."""
+    *_, ts = ref
+    with np.load(ts.save(tmp_path / "ts.npz"), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    data = bytearray((tmp_path / "packed.npz").read_bytes())
+    start = data.index(b"weights_mean.npy") + 200  # inside that member's deflated bytes
+    data[start:start + 64] = b"\xff" * 64  # (zlib: "invalid distance too far back")
+    (tmp_path / "bad.npz").write_bytes(bytes(data))
+    with pytest.raises(rv.InputError, match="cannot be read"):
+        rv.TemplateSet.load(tmp_path / "bad.npz")
