@@ -14,8 +14,9 @@ Methods, per case (every one computes each probe's W row of its own label, in fl
   with ``requires_grad`` on x and one ``torch.autograd.grad`` of sum_i f_i[y_i];
 * ``per-probe loop``: the same, one probe at a time.
 
-Timings: medians of repeats of the CPU time of this process (one torch thread: CPU time is the
-work, which the load of other processes inflates far less than wall time). Scaling: the same
+Timings: medians of repeats, run round-robin over the methods, of the CPU time of this process
+(one torch thread: CPU time is the work, which the load of other processes inflates far less than
+wall time). Scaling: the same
 ``reconstruct_dataset`` call in 1 process and in 2 gloo processes (one thread each; wall time of
 the call, the slower rank's, start-up and a warm-up call excluded); efficiency = T1 / (2 T2).
 """
@@ -131,26 +132,29 @@ METHODS: dict[str, Callable] = {"reconstruct_dataset": rv_dataset, "rv without c
                                 "forward only (F)": forward_only, "by all, 10 classes": rv_all_10}
 
 
-def timed(fn: Callable, repeats: int) -> dict:
-    cpu, wall = [], []
-    for _ in range(repeats):
-        c, w = time.process_time(), time.perf_counter()
-        fn()
-        cpu.append(time.process_time() - c)
-        wall.append(time.perf_counter() - w)
-    return {"cpu": statistics.median(cpu), "wall": statistics.median(wall), "repeats": repeats}
+def _once(fn: Callable) -> tuple[float, float]:
+    c, w = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c, time.perf_counter() - w
 
 
 def run_case(name: str, repeats: int, log: Callable[[str], None]) -> list[dict]:
+    """Every method timed ``repeats`` times, round-robin (method after method in each round), so that
+    a change of the machine's load falls on all of them alike; medians. On the VGG the per-probe
+    loop and by='all' run in the first round only (each is minutes)."""
     model, x, y, batch, what = case(name)
     rv_dataset(model, x[:batch], y[:batch], batch)  # warm-up: imports, allocator
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
+    for round_ in range(repeats):
+        for method, fn in METHODS.items():
+            if round_ == 0 or not (method in ("per-probe loop", "by all, 10 classes") and name.startswith("vgg")):
+                times[method].append(_once(lambda: fn(model, x, y, batch)))
     rows = []
-    for method, fn in METHODS.items():
-        r = 1 if method in ("per-probe loop", "by all, 10 classes") and name.startswith("vgg") else repeats
-        t = timed(lambda: fn(model, x, y, batch), r)
-        rows.append({"case": name, "what": what, "method": method, "probes": int(x.shape[0]), "batch": batch, **t,
-                     "probes_per_s": x.shape[0] / t["cpu"]})
-        log(f"  {name:12s} {method:20s} {t['cpu']:8.3f} s cpu  {x.shape[0] / t['cpu']:9.1f} probes/s")
+    for method, ts in times.items():
+        cpu, wall = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
+        rows.append({"case": name, "what": what, "method": method, "probes": int(x.shape[0]), "batch": batch,
+                     "cpu": cpu, "wall": wall, "repeats": len(ts), "probes_per_s": x.shape[0] / cpu})
+        log(f"  {name:12s} {method:20s} {cpu:8.3f} s cpu  {x.shape[0] / cpu:9.1f} probes/s")
     return rows
 
 
