@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import InputError
-from .probe import MODEL_ERRORS, check_probe_input, eval_copy
+from .probe import MODEL_ERRORS, PRIVATE_COPY, check_probe_input, eval_copy
 
 __all__ = ["LayerTail", "layer_tail", "parse_layer", "model_of"]
 
@@ -96,7 +96,8 @@ def _replace(out: Any, a: Tensor, name: str) -> Tensor:
 def layer_tail(model: nn.Module, layer: Any, x: Tensor, dtype: torch.dtype, *,
                keep_hooks: bool = False) -> tuple[LayerTail, Tensor]:
     """(:class:`LayerTail` over an eval copy of ``model`` at ``x``, the layer's activations at ``x``).
-    The user's model is only read; the copy is in ``dtype`` on ``x``'s device."""
+    The user's model is only read; the copy is in ``dtype`` on ``x``'s device, and the tail is
+    marked as reconviz's own (the probe then works on it without copying it again)."""
     x = check_probe_input(x)
     name, call = parse_layer(model, layer)
     work = eval_copy(model, dtype, x.device, stacklevel=4, keep_hooks=keep_hooks)
@@ -112,7 +113,9 @@ def layer_tail(model: nn.Module, layer: Any, x: Tensor, dtype: torch.dtype, *,
     except MODEL_ERRORS as e:
         raise InputError(f"the model failed on an input of shape {tuple(x.shape)} ({type(e).__name__}: {e}) "
                          f"while reading layer {layer!r}'s activations") from e
-    return LayerTail(work, name, call, inputs), seen[0]
+    tail = LayerTail(work, name, call, inputs)
+    setattr(tail, PRIVATE_COPY, (dtype, x.device))  # reconviz's own: the probe works on it without a copy
+    return tail, seen[0]
 
 
 def model_of(model: nn.Module, rec: Any) -> nn.Module:

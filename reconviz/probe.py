@@ -75,8 +75,14 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
     ``track_paths``: the copy keeps a stack of the module paths it is in (the gate
     modes name them in their messages).
     Every entry point of reconviz (reconstruction, verification, the saliency
-    methods and the metrics) works on such a copy.
+    methods and the metrics) works on such a copy. A module reconviz made itself from
+    such a copy (``layer=``'s :class:`~reconviz.layer.LayerTail`, marked ``PRIVATE_COPY``
+    with its dtype and device) is returned as it is: it is copied once, not twice.
     """
+    if getattr(model, PRIVATE_COPY, None) == (dtype, torch.device(device)):
+        if track_paths and not hasattr(model, "_reconviz_stack"):
+            _install_tracker(model)
+        return model
     check_model(model)
     _warn_training(model, stacklevel + 1)
     # parameters and buffers enter the copy already cast (deepcopy's memo): no float32 copy
@@ -107,6 +113,8 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
         _install_tracker(work)
     return work
 
+
+PRIVATE_COPY = "_reconviz_private_copy"  # (dtype, device) of a module built by reconviz over its own eval copy
 
 # the hooks that run in a forward or backward pass: left off the copy unless keep_hooks
 _HOOK_DICTS = (

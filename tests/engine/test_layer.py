@@ -195,3 +195,28 @@ def test_the_users_model_is_untouched_by_a_layer_reconstruction():
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_layer_reconstruction_copies_the_model_once(monkeypatch):
+    """layer= works on one eval copy of the model: the probe takes the tail built over it as
+    reconviz's own instead of copying it (and the model inside it) a second time."""
+    import reconviz.probe
+
+    model, data = rv.models.digits()
+    top: list[str] = []
+    depth = [0]
+    deepcopy = copy.deepcopy
+
+    def counting(obj, memo=None, *args):
+        if depth[0] == 0 and isinstance(obj, nn.Module):
+            top.append(type(obj).__name__)
+        depth[0] += 1
+        try:
+            return deepcopy(obj, memo, *args)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(reconviz.probe.copy, "deepcopy", counting)
+    rec = rv.reconstruct(model, torch.as_tensor(data.x_test[:2]), layer="features.6")
+    assert top == ["DigitsCNN"]  # one copy of the model; before: DigitsCNN, then LayerTail
+    assert rec.meta["max_rel_error"] <= 1e-9 and _decomposition_error(rec, model) <= 1e-9
