@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import ReconvizError
 from .io import (PREPROCESS_KEYS, LoadedModel, UsageError, load_class_names, load_digits, load_inputs, load_model,
-                 load_reconstruction, one_line, recorded_preprocessing)
+                 load_reconstruction, one_line, output_selector, recorded_preprocessing)
 
 __all__ = ["main", "UsageError"]
 
@@ -334,12 +334,6 @@ def parse_classes(text: str | None, logits: Callable[[], Any]) -> list[int] | No
         raise UsageError(f"--classes: expected comma-separated indices, top-K or all, got {text!r}") from None
 
 
-def _output_selector(text: str | None) -> Any:
-    if text is None:
-        return None
-    return int(text) if text.lstrip("-").isdigit() else text
-
-
 def _check_names(names: list[str] | None, classes: Any) -> None:
     if names is not None and classes is not None and len(classes) and max(int(c) for c in classes) >= len(names):
         raise UsageError(f"--class-names gives {len(names)} names, but class {max(int(c) for c in classes)} "
@@ -360,7 +354,7 @@ def _reconstruct(loaded: LoadedModel, x: Any, args: argparse.Namespace, classes:
         dtype = torch.float32 if args.dtype == "float32" else torch.float64
         return reconstruct(loaded.module, x, classes=classes, method=args.method, basis=args.basis,
                            dtype=dtype, chunk_size=args.chunk_size, seed=args.seed,
-                           output=_output_selector(args.output), linearization=args.linearization)
+                           output=output_selector(args.output), linearization=args.linearization)
     if args.method in ("adjoint", "head"):
         raise UsageError(f"--method {args.method} needs a PyTorch model; the {loaded.describe()} is "
                          "reconstructed with the basis method")
@@ -384,7 +378,7 @@ def _verify(loaded: LoadedModel, rec: Any, x: Any, args: argparse.Namespace, nam
 
     if loaded.is_torch:  # verify falls back to rec's output selector
         return verify(loaded.module, rec, x, tolerance=tolerance, backend=args.backend,
-                      output=_output_selector(args.output), class_names=names)
+                      output=output_selector(args.output), class_names=names)
     if args.backend != "torch":
         raise UsageError(f"--backend applies to PyTorch models; the {loaded.describe()} is verified "
                          "with onnxruntime")
@@ -572,7 +566,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     x = load_inputs(args.inputs, **pre)
     out = _out_dir(args.out)
     names = load_class_names(args.class_names)
-    classes = parse_classes(args.classes, lambda: loaded.logits(x, _output_selector(args.output), out))
+    classes = parse_classes(args.classes, lambda: loaded.logits(x, output_selector(args.output), out))
     _check_names(names, classes)
 
     start = time.perf_counter()
@@ -646,9 +640,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = _report_path(args.out)
     x = load_inputs(args.inputs, **preprocessing(args))
     names = load_class_names(args.class_names)
-    classes = parse_classes(args.classes, lambda: loaded.logits(x, _output_selector(args.output), None))
+    classes = parse_classes(args.classes, lambda: loaded.logits(x, output_selector(args.output), None))
     _check_names(names, classes)
-    rec = reconstruct(loaded.module, x, classes=classes, output=_output_selector(args.output))
+    rec = reconstruct(loaded.module, x, classes=classes, output=output_selector(args.output))
     _check_names(names, rec.classes.tolist())
     verification = _verify(loaded, rec, None, args, names, None)
     print(verification)

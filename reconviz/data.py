@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import InputError
 
 __all__ = ["Batch", "DataSource", "ImageFolder", "Mapped", "IMAGE_SUFFIXES", "batches", "collect", "num_samples",
-           "class_names", "open_path"]
+           "class_names", "open_path", "normalise", "normaliser"]
 
 Batch = tuple[Tensor, Union[Tensor, None]]
 DataSource = Union[Tensor, tuple, Dataset, DataLoader, str, os.PathLike, "Mapped"]
@@ -294,3 +294,11 @@ def normalise(x: Tensor, scale: float | None, mean: Sequence[float] | None, std:
     if std is not None:
         x = x / x.new_tensor(std).reshape(shape)
     return x
+
+
+def normaliser(scale: float | None, mean: Sequence[float] | None,
+               std: Sequence[float] | None) -> Callable[[Tensor], Tensor] | None:
+    """:func:`normalise` with these options as a function of x, or None when none is given."""
+    if scale is None and mean is None and std is None:
+        return None
+    return lambda x: normalise(x, scale, mean, std)

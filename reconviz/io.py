@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 from .errors import ReconvizError
 
 __all__ = ["UsageError", "LoadedModel", "Digits", "load_model", "load_digits", "load_inputs",
-           "load_reconstruction", "load_class_names", "recorded_preprocessing", "PREPROCESS_KEYS"]
+           "load_reconstruction", "load_class_names", "recorded_preprocessing", "int_list", "output_selector",
+           "PREPROCESS_KEYS"]
 
 PREPROCESS_KEYS = ("size", "grayscale", "rgb", "scale", "mean", "std", "npy_batch")
 _KINDS = {"torch": "PyTorch model", "torchscript": "TorchScript model", "onnx": "ONNX model"}
@@ -509,3 +510,20 @@ def load_class_names(text: str | None) -> list[str] | None:
     if not names or not all(names):
         raise UsageError(f"--class-names: expected comma-separated names or a file, got {text!r}")
     return names
+
+
+def int_list(text: str | None, flag: str) -> list[int] | None:
+    """Comma-separated integers (None, "" or "all": None); UsageError naming ``flag`` otherwise."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def output_selector(text: str | None) -> Any:
+    """--output: an index (digits, optionally negative) or a key."""
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text

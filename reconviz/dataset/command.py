@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["add_parser", "cmd_dataset"]
 
@@ -46,7 +46,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def cmd_dataset(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from ..io import UsageError, load_class_names, load_model
+    from ..io import UsageError, int_list, load_class_names, load_model
     from .distributed import init_from_env
 
     out = _out_file(args.out)
@@ -57,7 +57,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         raise UsageError(f"'reconviz dataset' runs in PyTorch; the {loaded.describe()} {args.model} is not a PyTorch "
                          "model: pass a state_dict .pt with --arch (or a pickled module with --unsafe-pickle)")
     names = load_class_names(args.class_names)
-    classes = _classes(args.classes)
+    classes = int_list(args.classes, "--classes")
     created = init_from_env()
     try:
         ts, seconds = _run(loaded.module, args, classes)
@@ -74,6 +74,8 @@ def _run(model: Any, args: argparse.Namespace, classes: Any) -> tuple[Any, float
 
     import torch
 
+    from ..data import normaliser
+    from ..io import output_selector
     from . import reconstruct_dataset
 
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
@@ -81,7 +83,8 @@ def _run(model: Any, args: argparse.Namespace, classes: Any) -> tuple[Any, float
     start = time.perf_counter()
     ts = reconstruct_dataset(model, _data(args), classes=classes, by=args.by, batch_size=args.batch_size,
                              checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                             transform=_transform(args), output=_output(args.output))
+                             transform=normaliser(args.scale, args.mean, args.std),
+                             output=output_selector(args.output))
     return ts, time.perf_counter() - start
 
 
@@ -109,33 +112,6 @@ def _data(args: argparse.Namespace) -> Any:
     if y.shape != (x.shape[0],):
         raise UsageError(f"--labels {args.labels} has shape {y.shape}; DATA has {x.shape[0]} samples")
     return x, y
-
-
-def _transform(args: argparse.Namespace) -> Callable | None:
-    """x * scale, then (x - mean) / std per channel (the shared --scale / --mean / --std options)."""
-    scale, mean, std = args.scale, args.mean, args.std
-    if scale is None and mean is None and std is None:
-        return None
-    from ..data import normalise
-
-    return lambda x: normalise(x, scale, mean, std)
-
-
-def _classes(text: str | None) -> list[int] | None:
-    from ..io import UsageError
-
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise UsageError(f"--classes: expected comma-separated output indices or all, got {text!r}") from None
-
-
-def _output(text: str | None) -> Any:
-    if text is None:
-        return None
-    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def _out_file(text: str) -> Path:

@@ -63,11 +63,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run_features(model: Any, args: argparse.Namespace, out: Path) -> list[Path]:
     """Compute and write everything for the parsed ``args``; print a summary; return the files written."""
-    from ..io import load_class_names
+    from ..io import int_list, load_class_names
     from .summary import Settings, write_features
 
-    settings = Settings(layer=args.layer, channels=_ints(args.channels, "--channels"), k=args.k,
-                        method=args.embedding, classes=_ints(args.classes, "--classes"), steps=args.steps,
+    settings = Settings(layer=args.layer, channels=int_list(args.channels, "--channels"), k=args.k,
+                        method=args.embedding, classes=int_list(args.classes, "--classes"), steps=args.steps,
                         clusters=args.clusters, contributions=not args.no_contributions,
                         batch_size=args.batch_size, seed=args.seed)
     start = time.perf_counter()
@@ -80,24 +80,12 @@ def run_features(model: Any, args: argparse.Namespace, out: Path) -> list[Path]:
 
 def _data(args: argparse.Namespace) -> Any:
     """DATA with --size / --grayscale / --rgb (folders) and --scale, --mean, --std applied to every batch."""
-    from ..data import Mapped, normalise, open_path
+    from ..data import Mapped, normaliser, open_path
 
     channels = 1 if args.grayscale else 3 if args.rgb else None
     source = open_path(args.data, size=args.size, channels=channels)
-    if args.scale is None and args.mean is None and args.std is None:
-        return source
-    return Mapped(source, lambda x: normalise(x, args.scale, args.mean, args.std))
-
-
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    from ..io import UsageError
-
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    transform = normaliser(args.scale, args.mean, args.std)
+    return source if transform is None else Mapped(source, transform)
 
 
 def _report(summary: dict[str, Any], seconds: float) -> None:
