@@ -24,7 +24,7 @@ from .ops.gates import Call, Gate, Prior, gate_named, in_layout_of
 from .probe import (MODEL_ERRORS, GateMode, OutputSelector, Probe, current_path, keep_cut_candidate, probe,
                     select_output)
 
-__all__ = ["LinearizedModel", "TangentModel", "linearize", "ReplayMode", "POINT_EXACT", "LINEARIZATIONS"]
+__all__ = ["LinearizedModel", "TangentModel", "linearize", "linearized_from", "ReplayMode", "POINT_EXACT", "LINEARIZATIONS"]
 
 LINEARIZATIONS = ("value", "tangent")
 
@@ -399,10 +399,15 @@ def linearize(
     >>> torch.allclose(lin(x), model(x).double())   # g(x0) = f(x0)   # doctest: +SKIP
     """
     check_linearization(linearization)
-    tangent = linearization == "tangent"
     found = probe(model, x, dtype=dtype, output=output, keep_graph=keep_graph, keep_hooks=keep_hooks)
+    return linearized_from(found, linearization, keep_graph)
+
+
+def linearized_from(found: Probe, linearization: str = "value", keep_graph: bool = False) -> LinearizedModel:
+    """The linearized model of what the probe ``found`` under the rule ``linearization``; with
+    ``keep_graph``, holding g's graph at x0 (the probe pass's, or one replay pass's)."""
     lin = LinearizedModel(found)
-    if tangent and lin.exactness == "point-exact":
+    if linearization == "tangent" and lin.exactness == "point-exact":
         lin.take_graph()
         return TangentModel(found, keep_graph=keep_graph)
     if keep_graph and not lin.has_graph:  # the probe pass was not g's: one replay pass keeps g's

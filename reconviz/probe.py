@@ -30,7 +30,7 @@ from .ops.base import in_place, op_name, tensors_in
 from .ops.factors import FACTOR, Provenance, product_op
 from .ops.gates import Call, Gate, Prior, gate_for, gate_named, in_layout_of
 
-__all__ = ["Probe", "probe", "record", "Recording", "check_dtype", "check_model", "eval_copy", "select_output", "check_probe_input"]
+__all__ = ["Probe", "probe", "probe_pass", "record", "Recording", "check_dtype", "check_model", "eval_copy", "select_output", "check_probe_input"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
@@ -495,13 +495,21 @@ def probe(
     x = check_probe_input(x)
     check_dtype(dtype)
     work = eval_copy(model, dtype, x.device, keep_hooks=keep_hooks, track_paths=True)
-    xw = x.to(dtype)
-    rec = record(work, xw, output, keep_tail=keep_graph)
+    return probe_pass(work, x.to(dtype), output, keep_graph)
+
+
+def probe_pass(work: nn.Module, x: Tensor, output: OutputSelector, keep_graph: bool = False,
+               keep_tail: bool | None = None) -> Probe:
+    """:func:`probe` on reconviz's working copy ``work`` at ``x`` (already in its dtype): the
+    graph is kept when asked and the pass was g's (every gate recorded frozen), with the affine
+    tail's candidate cuts unless ``keep_tail=False``."""
+    keep_tail = keep_graph if keep_tail is None else keep_tail
+    rec = record(work, x, output, keep_tail=keep_tail)
     frozen = all(gate_named(p.gate).records_frozen for p in rec.priors if not p.constant)
     kept = keep_graph and frozen and rec.outputs.requires_grad
     graph = (rec.x, rec.outputs) if kept else None
-    return Probe(work, xw, rec.priors, rec.outputs.detach(), output, rec.activation_bytes, graph,
-                 rec.tail if kept else None)
+    return Probe(work, x, rec.priors, rec.outputs.detach(), output, rec.activation_bytes, graph,
+                 rec.tail if kept and keep_tail else None)
 
 
 @dataclass

@@ -25,10 +25,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..linearize import LinearizedModel, TangentModel
-from ..ops.gates import gate_named
+from ..linearize import LinearizedModel, linearized_from
 from ..pipeline import affinity_far
-from ..probe import OutputSelector, Probe, record
+from ..probe import OutputSelector, probe_pass
 from ..reconstruction import tolerance_for
 from ..selfcheck import relative_error
 from .moments import Moments
@@ -68,18 +67,9 @@ def linearized(work: nn.Module, x: Tensor, output: OutputSelector,
     g(x) carrying its graph: the probe pass's own graph when every gate records frozen, else a
     replay of g. ``linearization="tangent"`` on a point-exact net: g is the first-order Taylor
     model (:class:`~reconviz.linearize.TangentModel`) and the graph the model's own pass."""
-    rec = record(work, x, output)
-    frozen = all(gate_named(p.gate).records_frozen for p in rec.priors if not p.constant)
-    found = Probe(work, x, rec.priors, rec.outputs.detach(), output, rec.activation_bytes)
-    lin = LinearizedModel(found)
-    if linearization == "tangent" and lin.exactness == "point-exact":
-        lin = TangentModel(found, keep_graph=True)
-        return (lin, *lin.take_graph())
-    if frozen and rec.outputs.requires_grad:
-        return lin, rec.x, rec.outputs
-    leaf = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        return lin, leaf, lin(leaf)
+    lin = linearized_from(probe_pass(work, x, output, keep_graph=True, keep_tail=False), linearization,
+                          keep_graph=True)
+    return (lin, *lin.take_graph())
 
 
 def solve_batch(work: nn.Module, x: Tensor, targets, output: OutputSelector, seed: int,
