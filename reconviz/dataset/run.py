@@ -97,7 +97,7 @@ def reconstruct_dataset(
     data = prepare(data)
     here = world()
     job = _job(model, data, classes, by, linearization, output, transform)
-    job.chunk = _chunk(batch_size, max_memory, job, data)
+    job.chunk = _chunk(batch_size, max_memory, job)
     run = {"by": by, "classes": job.classes.tolist(), "batch_size": batch_size, "k_all": job.k_all,
            "shape": list(job.shape), "samples": length(data), "world_size": here.size, "rank": here.rank,
            "linearization": linearization}
@@ -138,6 +138,7 @@ class Job:
     output: OutputSelector
     linearization: str
     transform: Callable[[Tensor], Tensor] | None
+    probe_bytes: int  # the probe pass's activations for one probe (the memory plan's unit)
     chunk: int = 0
 
 
@@ -146,11 +147,13 @@ def _job(model: nn.Module, data: Any, classes: Any, by: str, linearization: str,
     device = _device(model)
     work = eval_copy(model, DTYPE, device, track_paths=True)
     x = _first(data, device, transform)
-    k_all = int(record(work, x, output).outputs.shape[1])  # the probe pass refuses what it cannot freeze, early
+    first = record(work, x, output)  # the probe pass refuses what it cannot freeze, early
+    k_all = int(first.outputs.shape[1])
     cls = _classes(classes, k_all)
     lookup = torch.full((k_all,), -1, dtype=torch.long)
     lookup[cls] = torch.arange(len(cls))
-    return Job(work, device, by, cls, lookup, k_all, tuple(x.shape[1:]), output, linearization, transform)
+    return Job(work, device, by, cls, lookup, k_all, tuple(x.shape[1:]), output, linearization, transform,
+               first.activation_bytes)
 
 
 def _solve_batch(job: Job, x: Tensor, y: Tensor | None, first: int, number: int, state: State) -> None:
@@ -295,15 +298,14 @@ def _classes(classes: Any, k_all: int) -> Tensor:
     return cls
 
 
-def _chunk(batch_size: int, max_memory: int | None, job: Job, data: Any) -> int:
+def _chunk(batch_size: int, max_memory: int | None, job: Job) -> int:
     """Probes per solve: the batch, or fewer when max_memory says so. A probe in flight holds its
     activations with their graph (the probe pass's count, x3 for gradients) and one row of W at a
     time (x3 with its products); by='all' also holds the batch's own moments beside the run's."""
     if max_memory is None:
         return batch_size
     d, k = math.prod(job.shape), len(job.classes)
-    x = _first(data, job.device, job.transform)
-    per_probe = 3 * record(job.work, x, job.output).activation_bytes + 3 * d * 8
+    per_probe = 3 * job.probe_bytes + 3 * d * 8
     accumulators = 8 * k * (3 * d + 4) * (2 if job.by == "all" else 1)
     fit = (max_memory - accumulators) // max(1, per_probe)
     if fit < 1:
