@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
 
-from ..data import DataSource, batches
+from ..data import DataSource
 from ..errors import InputError
 from ..plot._base import DIVERGING, SEQUENTIAL, PathLike, finish, limit, new_figure
 from ._common import BLANKED_GREY, as_numpy, check_positive, check_seed, layer_name, pick, stream
@@ -117,7 +117,8 @@ def _first_appearance(raw: np.ndarray) -> np.ndarray:
 def class_profiles(model: nn.Module, data: DataSource, kind: str = "features", *, layer: str | None = None,
                    n_classes: int | None = None, batch_size: int = 256,
                    dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """(K, D) one profile per class over labelled ``data`` (``kind`` in :data:`CLASS_PROFILES`)."""
+    """(K, D) one profile per class over labelled ``data`` (``kind`` in :data:`CLASS_PROFILES`;
+    ``"templates"`` comes from :func:`reconviz.reconstruct_dataset`, in float64 whatever ``dtype``)."""
     if kind not in CLASS_PROFILES:
         raise InputError(f"kind must be one of {CLASS_PROFILES}, got {kind!r}")
     if kind == "features":
@@ -125,7 +126,7 @@ def class_profiles(model: nn.Module, data: DataSource, kind: str = "features", *
         return _class_means(f, _need_labels(y), n_classes)
     if kind == "confusion":
         return _confusion(model, data, batch_size, dtype)
-    return _template_means(model, data, batch_size, dtype)
+    return _template_means(model, data, batch_size)
 
 
 def _need_labels(y: Any) -> np.ndarray:
@@ -155,23 +156,13 @@ def _confusion(model: nn.Module, data: DataSource, batch_size: int, dtype: torch
     return m / np.maximum(m.sum(1, keepdims=True), 1)
 
 
-def _template_means(model: nn.Module, data: DataSource, batch_size: int, dtype: torch.dtype) -> np.ndarray:
-    """Mean of W_c over the probes of class c, flattened (K, D); one reconstruction per batch."""
-    from ..pipeline import reconstruct
+def _template_means(model: nn.Module, data: DataSource, batch_size: int) -> np.ndarray:
+    """Mean of W_c over the probes of class c, flattened (K, D): :func:`reconviz.reconstruct_dataset`
+    by label (float64, one backward pass per batch, every probe checked; zeros for an absent class)."""
+    from ..dataset import reconstruct_dataset
 
-    sums: np.ndarray | None = None
-    counts: np.ndarray | None = None
-    for x, y in batches(data, batch_size, dtype=dtype):
-        y = _need_labels(None if y is None else y.numpy())
-        w = as_numpy(reconstruct(model, x, dtype=dtype).weight)  # (B, K, *shape)
-        w = w.reshape(w.shape[0], w.shape[1], -1)
-        if sums is None:
-            sums, counts = np.zeros((w.shape[1], w.shape[2])), np.zeros(w.shape[1])
-        np.add.at(sums, y, w[np.arange(len(y)), y])
-        np.add.at(counts, y, 1.0)
-    if sums is None:
-        raise InputError("the data is empty: give at least one sample")
-    return sums / np.maximum(counts, 1)[:, None]
+    ts = reconstruct_dataset(model, data, by="label", batch_size=batch_size, progress=False)
+    return as_numpy(ts.mean.reshape(ts.n_classes, -1))
 
 
 def neuron_profiles(model: nn.Module, data: DataSource, layer: str, kind: str = "activation", *,

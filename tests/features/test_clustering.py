@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from sklearn.metrics import adjusted_rand_score
 
+import reconviz as rv
 import reconviz.features as rf
 from reconviz.errors import InputError
 from features_fixtures import _one_thread, digits  # noqa: F401 (fixtures)
@@ -97,6 +98,10 @@ def test_class_clustering(digits, kind):
     if kind == "confusion":
         np.testing.assert_allclose(result.profiles.sum(1), 1.0)
         assert np.all(np.diag(result.profiles) > 0.8)  # the model is 97 % accurate on the test split
+    if kind == "templates":  # the class means of each probe's own template, as rv.reconstruct gives them
+        w = rv.reconstruct(model, x[:150]).weight.flatten(2)
+        want = np.stack([w[y[:150] == c, c].mean(0).numpy() for c in range(10)])
+        np.testing.assert_allclose(result.profiles, want, rtol=0, atol=1e-12 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("call, fragment", [
