@@ -31,7 +31,7 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 
 from ..data import DataSource
-from ..errors import InputError
+from ..errors import ExactnessError, InputError
 from ..plot._base import DIVERGING, SEQUENTIAL, PathLike, finish, limit, new_figure
 from ._common import BLANKED_GREY, as_numpy, check_positive, check_seed, layer_name, pick, stream
 from .embeddings import layer_features
@@ -158,10 +158,15 @@ def _confusion(model: nn.Module, data: DataSource, batch_size: int, dtype: torch
 
 def _template_means(model: nn.Module, data: DataSource, batch_size: int) -> np.ndarray:
     """Mean of W_c over the probes of class c, flattened (K, D): :func:`reconviz.reconstruct_dataset`
-    by label (float64, one backward pass per batch, every probe checked; zeros for an absent class)."""
+    by label (float64, one backward pass per batch; zeros for an absent class). ExactnessError if a
+    probe fails its check, as ``rv.reconstruct`` raises: a profile never averages fewer probes silently."""
     from ..dataset import reconstruct_dataset
 
     ts = reconstruct_dataset(model, data, by="label", batch_size=batch_size, progress=False)
+    if ts.failed:
+        first = ts.failed[0]
+        raise ExactnessError(f"{len(ts.failed)} probe(s) failed the exactness check; probe {first.index}: "
+                             f"{first.reason}")
     return as_numpy(ts.mean.reshape(ts.n_classes, -1))
 
 

@@ -115,3 +115,22 @@ def test_class_clustering(digits, kind):
 def test_bad_arguments(call, fragment):
     with pytest.raises(InputError, match=fragment):
         call()
+
+
+def test_template_profiles_refuse_a_probe_that_fails_its_check(digits):
+    """A model that mixes samples (sample 0's logits depend on sample 1: affine, so only the
+    per-probe check sees it): the profile raises, as rv.reconstruct does, never averaging fewer."""
+    model, x, y, _ = digits
+
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, z):
+            pick = torch.zeros(z.shape[0], 1, dtype=z.dtype)
+            pick[0] = 0.5 if z.shape[0] > 1 else 0.0
+            return self.net(z) + pick * z[-1:].flatten(1).sum(1, keepdim=True)
+
+    with pytest.raises(rv.ExactnessError, match="failed the exactness check"):
+        rf.class_profiles(Mixing().eval(), (x[:40], y[:40]), "templates", batch_size=20)
