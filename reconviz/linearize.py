@@ -8,6 +8,7 @@ makes the same sequence of gated calls as at the probe.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from typing import Any, Callable
@@ -253,13 +254,21 @@ class LinearizedModel(nn.Module):
         with torch.no_grad():
             return self(x, observer=observe, mode=ModelMode), held
 
-    def forward(self, x: Tensor, observer: Observer | None = None, mode: type = ReplayMode) -> Tensor:
+    def model(self, x: Tensor) -> Tensor:
+        """The *model* (not g) at a batch of inputs: a plain pass of the copy, no gate mode (so
+        none of its per-call cost) and no grad; (B, K) selected outputs."""
+        with torch.no_grad():
+            return self(x, mode=None)
+
+    def forward(self, x: Tensor, observer: Observer | None = None, mode: type | None = ReplayMode) -> Tensor:
+        """g at ``x`` (``mode``: :class:`ReplayMode`; ``None``: the model's own plain pass)."""
         x = self._check(x)
-        mode = mode(self.work, self.priors, observer)
+        mode = mode(self.work, self.priors, observer) if mode is not None else None
         try:
-            with mode:
+            with mode if mode is not None else contextlib.nullcontext():
                 selected = select_output(self.work(x), self.output, x.shape[0])
-            mode.finish()
+            if mode is not None:
+                mode.finish()
         except ReconvizError:
             raise
         except MODEL_ERRORS as e:
@@ -357,6 +366,10 @@ class TangentModel(LinearizedModel):
         return out + tangent
 
     _forward_ad = True
+
+    def model(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._model(self._check(x))
 
     def model_at(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("the tangent rule has no region: nothing to hold")

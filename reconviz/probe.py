@@ -10,9 +10,12 @@ they were called.
 from __future__ import annotations
 
 import copy
+import copyreg
+import functools
 import itertools
 import warnings
 from contextlib import contextmanager
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -30,7 +33,7 @@ from .ops.base import in_place, op_name, tensors_in
 from .ops.factors import FACTOR, Provenance, product_op
 from .ops.gates import Call, Gate, Prior, gate_for, gate_named, in_layout_of
 
-__all__ = ["Probe", "probe", "probe_pass", "record", "Recording", "check_dtype", "check_model", "eval_copy", "select_output", "check_probe_input"]
+__all__ = ["Probe", "probe", "probe_pass", "record", "Recording", "check_dtype", "check_model", "eval_copy", "tree_copy", "select_output", "check_probe_input"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
@@ -99,7 +102,7 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
                 if hooks is not None:
                     memo[id(hooks)] = type(hooks)()
     try:
-        work = copy.deepcopy(model, memo).eval().to(device=device, dtype=dtype)
+        work = tree_copy(model, memo).eval().to(device=device, dtype=dtype)
     except Exception as e:  # a module that cannot be copied: reconviz never works on the original
         raise InputError(
             f"reconviz could not copy the model to work on ({type(e).__name__}: {e}). It works on a deep "
@@ -112,6 +115,55 @@ def eval_copy(model: nn.Module, dtype: torch.dtype, device: torch.device, *, sta
     if track_paths:
         _install_tracker(work)
     return work
+
+
+def tree_copy(obj: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy(obj, memo)``, walking a module tree itself.
+
+    deepcopy dispatches every object it meets, the strings and flags of each module's
+    ``__dict__`` included, at about a microsecond each (the digits CNN's eval copy: 2.3 ms
+    with this walk, 3.3 ms with deepcopy, interleaved medians). Here plain values are kept
+    as deepcopy keeps them; plain dicts, lists, sets of plain values and modules that copy by
+    their ``__dict__`` are rebuilt the way deepcopy rebuilds them; anything else goes to
+    ``copy.deepcopy`` with the same memo."""
+    cls = type(obj)
+    if cls in _ATOMIC or (cls is tuple and all(type(o) in _ATOMIC for o in obj)):
+        return obj
+    done = memo.get(id(obj), memo)
+    if done is not memo:
+        return done
+    if cls in _MAPPINGS or cls is list:
+        new: Any = cls()
+        memo[id(obj)] = new
+        if cls is list:
+            new.extend(tree_copy(v, memo) for v in obj)
+        else:
+            for k, v in obj.items():
+                new[tree_copy(k, memo)] = tree_copy(v, memo)
+        return new
+    if cls in (set, frozenset) and all(type(o) in _ATOMIC for o in obj):
+        memo[id(obj)] = new = cls(obj)
+        return new
+    if isinstance(obj, nn.Module) and _copies_by_dict(cls):
+        new = cls.__new__(cls)
+        memo[id(obj)] = new
+        new.__setstate__({k: tree_copy(v, memo) for k, v in obj.__getstate__().items()})
+        return new
+    return copy.deepcopy(obj, memo)
+
+
+_ATOMIC = frozenset({int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device})
+_MAPPINGS = (dict, OrderedDict)  # exact types: a subclass may carry state of its own
+
+
+@functools.cache
+def _copies_by_dict(cls: type) -> bool:
+    """deepcopy would copy an instance of ``cls`` as ``cls.__new__`` + ``nn.Module.__getstate__()``
+    (its ``__dict__``), deep-copied, handed to its ``__setstate__``: no __deepcopy__, reduce,
+    getstate or slots of its own."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
+            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is nn.Module.__getstate__ and not copyreg._slotnames(cls))
 
 
 PRIVATE_COPY = "_reconviz_private_copy"  # (dtype, device) of a module built by reconviz over its own eval copy

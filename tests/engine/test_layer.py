@@ -205,18 +205,18 @@ def test_a_layer_reconstruction_copies_the_model_once(monkeypatch):
     model, data = rv.models.digits()
     top: list[str] = []
     depth = [0]
-    deepcopy = copy.deepcopy
+    tree_copy = reconviz.probe.tree_copy
 
-    def counting(obj, memo=None, *args):
+    def counting(obj, memo):
         if depth[0] == 0 and isinstance(obj, nn.Module):
             top.append(type(obj).__name__)
         depth[0] += 1
         try:
-            return deepcopy(obj, memo, *args)
+            return tree_copy(obj, memo)
         finally:
             depth[0] -= 1
 
-    monkeypatch.setattr(reconviz.probe.copy, "deepcopy", counting)
+    monkeypatch.setattr(reconviz.probe, "tree_copy", counting)
     rec = rv.reconstruct(model, torch.as_tensor(data.x_test[:2]), layer="features.6")
     assert top == ["DigitsCNN"]  # one copy of the model; before: DigitsCNN, then LayerTail
     assert rec.meta["max_rel_error"] <= 1e-9 and _decomposition_error(rec, model) <= 1e-9

@@ -336,6 +336,52 @@ def test_region_check_is_skipped_for_point_exact_and_states_why(monkeypatch):
     assert check.passed is None and "point-exact" in check.detail
 
 
+def _edge_net(threshold: float) -> nn.Module:
+    """relu(x - threshold) * 1e9 on one input: a probe just below the threshold switches the
+    unit on at the region check's step (x0 + 1e-6 x0), and its output jumps far past W x + b."""
+    first, last = nn.Linear(1, 1).double(), nn.Linear(1, 2).double()
+    with torch.no_grad():
+        first.weight.fill_(1.0), first.bias.fill_(-threshold)
+        last.weight.fill_(1e9), last.bias.zero_()
+    return nn.Sequential(first, nn.ReLU(), last).eval()
+
+
+def test_region_check_passes_on_a_plain_pass_of_the_model(monkeypatch):
+    """Where every probe agrees on the model's own plain pass, no pass observes the gates."""
+    model, data = rv.models.digits()
+    observed: list[int] = []
+    monkeypatch.setattr(rv.LinearizedModel, "model_at", lambda self, x: observed.append(1))
+    rec = rv.reconstruct(model, torch.as_tensor(data.x_test[:4]))
+    region = {c.name: c for c in rec.self_checks}["region"]
+    assert region.passed and region.max_rel_error <= 1e-12 and "every probe (4)" in region.detail
+    assert observed == []
+
+
+def test_region_check_reports_a_probe_on_a_boundary_instead_of_failing():
+    """The plain pass disagrees at a probe whose gate switches at the step: the second pass sees
+    the switch, and the check compares the other probe only."""
+    x = torch.tensor([[1.0], [3.0]], dtype=torch.float64)  # the first: 5e-7 below the threshold
+    rec = rv.reconstruct(_edge_net(1.0 + 5e-7), x)
+    region = {c.name: c for c in rec.self_checks}["region"]
+    assert region.passed and region.max_rel_error <= 1e-12
+    assert "at 1 of 2 probe(s)" in region.detail and "1 probe(s) on a region boundary" in region.detail
+    alone = rv.reconstruct(_edge_net(1.0 + 5e-7), x[:1])
+    region = {c.name: c for c in alone.self_checks}["region"]
+    assert region.passed is None and "region boundaries" in region.detail
+
+
+def test_region_check_fails_where_the_model_leaves_w_x_plus_b(monkeypatch):
+    """A model that is not its replay near the probe (here: 1 % off after the probe) fails the
+    region check, and the second pass confirms it at a probe whose gates all held."""
+    real = rv.LinearizedModel.model_at
+    monkeypatch.setattr(rv.LinearizedModel, "model", lambda self, x: real(self, x)[0] * 1.01)
+    monkeypatch.setattr(rv.LinearizedModel, "model_at", lambda self, x: (lambda f, h: (f * 1.01, h))(*real(self, x)))
+    model, data = rv.models.digits()
+    with pytest.raises(rv.ExactnessError, match=r"self-check 'region' failed: max relative error \S+ > "
+                                                r"tolerance 1e-09 \(f\(x\) vs W x \+ b at 2 of 2 probe"):
+        rv.reconstruct(model, torch.as_tensor(data.x_test[:2]))
+
+
 def test_frozen_form_must_equal_the_op_at_the_probe():
     """A gate whose frozen form differs from the op is refused before the solve."""
     from reconviz.ops.gates import ReLUGate
