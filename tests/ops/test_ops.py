@@ -565,3 +565,24 @@ def test_gates_called_with_the_input_by_keyword():
     x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
     assert assert_exact(rv.reconstruct(model, x), model) <= 1e-9
     assert rv.linearize(model, x).gate_counts() == {"relu": 1, "clamp": 1}
+
+
+def test_tensors_in_finds_every_tensor_in_order():
+    """The probe's argument walk: nested tuples, lists, dicts and named tuples, tensor subclasses
+    and parameters, depth first and in order; plain values and other objects are skipped."""
+    import collections
+
+    from reconviz.ops.base import tensors_in
+
+    class Sub(torch.Tensor):
+        pass
+
+    pair = collections.namedtuple("pair", "a b")
+    t = [torch.full((1,), float(i)) for i in range(6)]
+    p = nn.Parameter(torch.zeros(2))
+    s = torch.ones(3).as_subclass(Sub)
+    args = ((t[0], 2, "x", None, (1, 1), [t[1], {"k": t[2]}], pair(t[3], [p])), {"w": s, "n": slice(1), "o": object()})
+    found = list(tensors_in(args))
+    assert [id(x) for x in found] == [id(x) for x in (t[0], t[1], t[2], t[3], p, s)]
+    assert list(tensors_in(t[4])) == [t[4]] and list(tensors_in(3.0)) == []
+    assert list(tensors_in(collections.OrderedDict(a=t[5]))) == [t[5]]
