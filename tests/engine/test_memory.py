@@ -293,6 +293,11 @@ def test_bench_table_and_doc_block(tmp_path):
     # the ratio the target quotes is the whole call's, the self-checks included
     assert any("auto / loop = 0.55 (PASS <= 1.25, self-checks included: 100.0 ms (9.1%) of the call; "
                "0.50 without them)" in t for t in bench.targets(rows))
+    # timed in turns in one process, the paired ratio gives the verdict; the rows' ratio is shown
+    rows[2]["paired"] = {"auto": 1.3, "loop": 1.0, "ratio": 1.3, "turns": 7}
+    line = next(t for t in bench.targets(rows) if "**c**" in t)
+    assert "auto / loop timed in turns in one process = 1.30 (1.30 s / 1.00 s, 7 turns; FAIL <= 1.25)" in line
+    assert "auto / loop = 0.55 (the rows, from separate processes, self-checks included" in line
     doc = tmp_path / "perf.md"
     doc.write_text("# P\n\nintro\n\n" + bench.DOC_START + "\nold\n" + bench.DOC_END + "\n\nafter\n")
     bench.write_doc(doc, bench.DOC_START + "\nnew\n" + bench.DOC_END + "\n")
@@ -325,6 +330,9 @@ def test_bench_runs_end_to_end_on_the_digits_case(tmp_path):
         checks = found[method]["checks"]
         assert 0 < checks["seconds"] < found[method]["seconds"] and 0 < checks["fraction"] < 1
     assert "checks" not in found["loop"] and "self-checks included" in text
+    paired = found["auto"]["paired"]  # auto and the loop, in turns in auto's process
+    assert paired["turns"] >= 1 and paired["ratio"] == pytest.approx(paired["auto"] / paired["loop"])
+    assert "timed in turns in one process" in text
 
 
 def test_both_backends_give_the_solver_what_its_protocol_asks(reference):
