@@ -27,7 +27,8 @@ from torch.overrides import TorchFunctionMode
 
 from . import affine
 from .errors import HooksRemovedWarning, InputError, ReconvizError, TrainingModeWarning, UnsupportedOperationError
-from .ops import check_call, check_result, input_dependent
+from .ops import check_call, check_result, input_dependent, op_for
+from .ops.affine import METADATA
 from .ops.registry import NO_GRAD_ADVICE, composite_body
 from .ops.base import in_place, op_name, tensors_in
 from .ops.factors import FACTOR, Provenance, product_op
@@ -257,6 +258,8 @@ class GateMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if op_for(func) is METADATA:  # a size, dtype or flag: no value to classify or freeze
+            return func(*args, **kwargs)
         body = composite_body(func)
         if body is not None:  # multi-head attention: its own Python body, every call seen
             with self:
@@ -302,6 +305,8 @@ class RecordMode(GateMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.check_inputs(func, (args, kwargs), current_path(self.work))
+        if op_for(func) is METADATA:  # (no tensor out: nothing to count, mark or keep)
+            return func(*args, **kwargs)
         out = super().__torch_function__(func, types, args, kwargs)
         outs = list(tensors_in(out))
         for t in outs:

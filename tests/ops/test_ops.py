@@ -586,3 +586,33 @@ def test_tensors_in_finds_every_tensor_in_order():
     assert [id(x) for x in found] == [id(x) for x in (t[0], t[1], t[2], t[3], p, s)]
     assert list(tensors_in(t[4])) == [t[4]] and list(tensors_in(3.0)) == []
     assert list(tensors_in(collections.OrderedDict(a=t[5]))) == [t[5]]
+
+
+def test_size_and_flag_reads_skip_the_classification(monkeypatch):
+    """Sizes, dtypes and autograd flags read off input-dependent tensors (x.shape, x.size(0),
+    x.dim(): BatchNorm's input check) run as written in the gate modes, before the registry is
+    asked; everything else is still classified, and the reconstruction stays exact."""
+    import reconviz.probe as probe_module
+    from reconviz.ops.affine import METADATA
+    from reconviz.ops.base import op_name
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(48, 4)
+
+        def forward(self, x):
+            z = F.relu(self.bn(self.conv(x)))
+            assert z.dim() == 4 and z.dtype == x.dtype and z.requires_grad == x.requires_grad
+            return self.fc(z.reshape(z.shape[0], z.size(1) * z.numel() // (z.size(0) * z.size(1))))
+
+    classified: list[str] = []
+    real = probe_module.check_call
+    monkeypatch.setattr(probe_module, "check_call", lambda func, *a: (classified.append(op_name(func)), real(func, *a))[1])
+    model = Reads().double().eval()
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    rec = rv.reconstruct(model, x)
+    assert all(rv.ops.op_for(f) is METADATA for f in [torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel])
+    assert not {"Tensor.dim", "Tensor.size", "Tensor.numel", "Tensor.shape", "Tensor.dtype"} & set(classified)
+    assert {"conv2d", "linear", "Tensor.reshape"} <= set(classified)
+    assert_exact(rec, model, x)
