@@ -25,7 +25,10 @@ from .ops.gates import Call, Gate, Prior, gate_named, in_layout_of
 from .probe import (MODEL_ERRORS, GateMode, OutputSelector, Probe, current_path, keep_cut_candidate, probe,
                     select_output)
 
-__all__ = ["LinearizedModel", "TangentModel", "linearize", "linearized_from", "ReplayMode", "POINT_EXACT", "LINEARIZATIONS"]
+__all__ = [
+    "LinearizedModel", "TangentModel", "linearize", "linearized_from", "ReplayMode", "POINT_EXACT",
+    "LINEARIZATIONS",
+]
 
 LINEARIZATIONS = ("value", "tangent")
 

@@ -34,7 +34,10 @@ from .ops.base import in_place, op_name, tensors_in
 from .ops.factors import FACTOR, Provenance, product_op
 from .ops.gates import Call, Gate, Prior, gate_for, gate_named, in_layout_of
 
-__all__ = ["Probe", "probe", "probe_pass", "record", "Recording", "check_dtype", "check_model", "eval_copy", "tree_copy", "select_output", "check_probe_input"]
+__all__ = [
+    "Probe", "probe", "probe_pass", "record", "Recording", "check_dtype", "check_model", "eval_copy",
+    "tree_copy", "select_output", "check_probe_input",
+]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 

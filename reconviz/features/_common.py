@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..data import DataSource, batches, num_samples
 from ..errors import InputError, ReconvizError
-from ..probe import MODEL_ERRORS, check_model, eval_copy
+from ..probe import MODEL_ERRORS, eval_copy
 from ..saliency._common import Hooks, check_dtype, check_input
 from ..saliency.layers import Layers, _keys, _Recorder, _select_layers
 from ..solve.chunking import _progress
@@ -37,8 +37,7 @@ __all__ = ["working_copy", "run", "capture", "layer_name", "pick", "stream", "la
 def working_copy(model: Any, dtype: torch.dtype, device: torch.device | str = "cpu") -> Iterator[nn.Module]:
     """A private eval-mode copy of ``model`` in ``dtype`` (see :func:`reconviz.probe.eval_copy`); every
     hook reconviz needs goes on it, inside a :class:`~reconviz.saliency._common.Hooks` block."""
-    check_model(model)
-    yield eval_copy(model, dtype, torch.device(device), stacklevel=5)
+    yield eval_copy(model, dtype, torch.device(device), stacklevel=5)  # (eval_copy checks the model)
 
 
 def run(work: nn.Module, x: Tensor) -> Any:
