@@ -551,10 +551,14 @@ def child(spec: dict) -> dict:
             raise
         res.update(status="oom", message=f"OOM at {spec['mem_cap'] / GB:.0f} GB cap")
     res.update(peak_rss=_rss_peak(), clock=_CLOCK["name"])
-    if spec.get("paired") and res.get("status") == "ok":
-        res["paired"] = _paired(model, x, spec)
     if spec["device"].startswith("cuda"):
         res["gpu_peak"] = torch.cuda.max_memory_allocated()
+    if spec.get("paired") and res.get("status") == "ok":  # after the row's own peaks were read
+        try:
+            res["paired"] = _paired(model, x, spec)
+        except Exception as e:  # noqa: BLE001 - the row stands without its paired ratio
+            if not _is_oom(e):
+                raise
     return res
 
 
@@ -578,10 +582,10 @@ def _full_runs(task: str, model, x, spec: dict) -> dict:
 
 def _paired(model, x, spec: dict) -> dict:
     """auto and the loop timed in turns in this one process (after auto's own runs, which the
-    row's time and peak memory are): medians of each and their ratio."""
+    row's time and peak memory are), which goes first alternating: medians and their ratio."""
     times: dict[str, list[float]] = {"auto": [], "loop": []}
-    for _ in range(spec["repeats"] + 1):
-        for method in times:
+    for turn in range(spec["repeats"] + 1):
+        for method in (("auto", "loop") if turn % 2 == 0 else ("loop", "auto")):
             times[method].append(_clock(lambda: _call(method, model, x, spec["k"], spec), spec["device"])[0])
         if sum(map(sum, times.values())) > spec["budget"] / 2:
             break

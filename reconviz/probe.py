@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import copyreg
-import functools
 import itertools
 import warnings
 from contextlib import contextmanager
@@ -128,15 +127,15 @@ def tree_copy(obj: Any, memo: dict[int, Any]) -> Any:
     ``__dict__`` included, at about a microsecond each (the digits CNN's eval copy: 2.3 ms
     with this walk, 3.3 ms with deepcopy, interleaved medians). Here plain values are kept
     as deepcopy keeps them; plain dicts, lists, sets of plain values and modules that copy by
-    their ``__dict__`` are rebuilt the way deepcopy rebuilds them; anything else goes to
-    ``copy.deepcopy`` with the same memo."""
+    their ``__dict__`` (:func:`_copies_by_dict`) are rebuilt the way deepcopy rebuilds them;
+    anything else goes to ``copy.deepcopy`` with the same memo."""
     cls = type(obj)
     if cls in _ATOMIC or (cls is tuple and all(type(o) in _ATOMIC for o in obj)):
         return obj
     done = memo.get(id(obj), memo)
     if done is not memo:
         return done
-    if cls in _MAPPINGS or cls is list:
+    if cls is list or cls is dict or (cls is OrderedDict and not vars(obj)):
         new: Any = cls()
         memo[id(obj)] = new
         if cls is list:
@@ -157,17 +156,18 @@ def tree_copy(obj: Any, memo: dict[int, Any]) -> Any:
 
 
 _ATOMIC = frozenset({int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device})
-_MAPPINGS = (dict, OrderedDict)  # exact types: a subclass may carry state of its own
 
 
-@functools.cache
 def _copies_by_dict(cls: type) -> bool:
-    """deepcopy would copy an instance of ``cls`` as ``cls.__new__`` + ``nn.Module.__getstate__()``
+    """deepcopy would copy an instance of ``cls`` as ``cls.__new__(cls)`` + ``nn.Module.__getstate__()``
     (its ``__dict__``), deep-copied, handed to its ``__setstate__``: no __deepcopy__, reduce,
-    getstate or slots of its own."""
+    getstate, new-args or slots of its own, and no list, dict or set base whose items deepcopy
+    would copy too. Asked afresh each time (a class may gain a __deepcopy__ later)."""
     return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
             and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and cls.__getstate__ is nn.Module.__getstate__ and not copyreg._slotnames(cls))
+            and cls.__getstate__ is nn.Module.__getstate__ and not issubclass(cls, (list, dict, set))
+            and getattr(cls, "__getnewargs_ex__", None) is None and getattr(cls, "__getnewargs__", None) is None
+            and not copyreg._slotnames(cls))
 
 
 PRIVATE_COPY = "_reconviz_private_copy"  # (dtype, device) of a module built by reconviz over its own eval copy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -75,3 +76,27 @@ def test_eval_copy_shares_nothing_with_the_model_and_keeps_its_ties():
     ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
     assert not ids & {id(t) for t in [*work.parameters(), *work.buffers()]}
     assert model.fc.weight.dtype == torch.float32
+
+
+class ListModule(nn.Module, list):
+    """A module that is also a list: deepcopy copies its items too."""
+
+
+def test_tree_copy_leaves_what_it_does_not_rebuild_itself_to_deepcopy():
+    """An OrderedDict with attributes of its own, a module that is also a list, and a class that
+    gains a __deepcopy__ after a first copy are copied exactly as deepcopy copies them."""
+    model = nn.Linear(2, 2)
+    model.table = OrderedDict(a=1)
+    model.table.extra = [1]
+    model.items = ListModule()
+    model.items.extend([1, 2])
+    ours = tree_copy(model, {})
+    assert ours.table == {"a": 1} and ours.table.extra == [1] and ours.table.extra is not model.table.extra
+    assert list(ours.items) == [1, 2]
+
+    class Late(nn.Module):
+        pass
+
+    tree_copy(Late(), {})
+    Late.__deepcopy__ = lambda self, memo: "custom"
+    assert tree_copy(Late(), {}) == copy.deepcopy(Late()) == "custom"
