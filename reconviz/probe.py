@@ -263,6 +263,10 @@ class GateMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if op_for(func) is METADATA:  # a size, dtype or flag: no value to classify or freeze
             return func(*args, **kwargs)
+        return self.dispatch(func, args, kwargs)
+
+    def dispatch(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A call that is not a metadata read: a composite's body, a gate, or anything else."""
         body = composite_body(func)
         if body is not None:  # multi-head attention: its own Python body, every call seen
             with self:
@@ -310,7 +314,7 @@ class RecordMode(GateMode):
         self.check_inputs(func, (args, kwargs), current_path(self.work))
         if op_for(func) is METADATA:  # (no tensor out: nothing to count, mark or keep)
             return func(*args, **kwargs)
-        out = super().__torch_function__(func, types, args, kwargs)
+        out = self.dispatch(func, args, kwargs)
         outs = list(tensors_in(out))
         for t in outs:
             self.activation_bytes += t.numel() * t.element_size()
